@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`. Both create/reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On a CPU-only machine this takes the CPU wheel; a torch already in the venv (e.g. CUDA) is kept.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo
+
+.PHONY: demo test install install-dev lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# A stamp per extra set, so re-running is cheap and setup.py changes reinstall.
+$(VENV)/.installed: setup.py $(VENV)/bin/python
+	@$(PY) -c "import torch" 2>/dev/null && echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
+		|| $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[dev,deepspeed]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) -m mycodist synth --out $(DEMO_DIR)/shards
+	$(PY) -m mycodist verify $(DEMO_DIR)/shards
+	$(PY) -m mycodist stats $(DEMO_DIR)/shards --report $(DEMO_DIR)/report
+
+test: install-dev
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,3 @@
+from mycodist.cli import entry
+
+entry()

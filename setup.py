@@ -1,0 +1,55 @@
+"""mycodist: distributed training framework for mushroom photo classification."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+version = {}
+exec((HERE / "mycodist" / "__init__.py").read_text(), version)
+
+setup(
+    name="mycodist",
+    version=version["__version__"],
+    description="Crawl, shard, stream, train (Accelerate/DeepSpeed) and serve a mushroom photo classifier",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mycodist", "mycodist.*"]),
+    package_data={"mycodist": ["serve/static/*"]},
+    data_files=[
+        ("share/mycodist/configs", [str(p.relative_to(HERE)) for p in (HERE / "configs").glob("*.yaml")]),
+        ("share/mycodist/configs/accelerate", [str(p.relative_to(HERE)) for p in (HERE / "configs" / "accelerate").glob("*.yaml")]),
+        ("share/mycodist/configs/deepspeed", [str(p.relative_to(HERE)) for p in (HERE / "configs" / "deepspeed").glob("*.json")]),
+    ],
+    # torch is not pinned: the Makefile installs the CPU wheel on CPU machines and keeps a CUDA
+    # build a user already has (docs/install.md).
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "pillow>=10",
+        "omegaconf>=2.3",
+        "webdataset>=0.2.86",
+        "aiohttp>=3.9",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "accelerate>=1.0",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        # CUDA machines only; never installed by CI (it compiles against CUDA).
+        "flash": ["flash-attn>=2.5"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "ruff>=0.5",
+            "hypothesis>=6.100",
+            "pyarrow>=14",
+            "playwright>=1.40",
+        ],
+    },
+    entry_points={"console_scripts": ["mycodist=mycodist.cli:entry"]},
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)
