@@ -30,6 +30,8 @@ setup(
         "pillow>=10",
         "omegaconf>=2.3",
         "webdataset>=0.2.86",
+        "braceexpand>=0.1.7",
+        "fsspec>=2023.1",
         "aiohttp>=3.9",
         "tqdm>=4.60",
         "matplotlib>=3.7",

@@ -1,0 +1,224 @@
+"""Loader throughput: 224-px training crops from ~500-900 px JPEG shards, four ways, same data, same run.
+
+(a) mycodist's train loader (crop chosen first, JPEG draft decode, batching in the workers);
+(b) baseline: a plain webdataset pipeline, `.decode("pil")` + RandomResizedCrop done the usual way
+    (crop and resize the fully decoded image) + flip + normalise, batched in the workers;
+(c) a class-folder Dataset over the same JPEGs (PIL full decode, same usual crop) with a DataLoader;
+(d) the decode bound: Pillow decoding alone, with the draft scale each of (a)'s crops allows
+    (the least decoding that can still produce those crops), in the same number of processes;
+    (d2) also the draft to 224 px on the shorter side, which no RandomResizedCrop pipeline can reach.
+
+Every variant uses the same worker count and batch size and runs whole epochs (worker start-up
+included), interleaved, `--repeats` times. Two figures per variant, best run kept:
+- images/s per core = images / CPU seconds of the main process and all its workers (getrusage of
+  self + reaped children): what one core delivers, robust when other jobs share the machine;
+- wall images/s with `--workers` processes (only meaningful on an otherwise idle machine).
+Last line: JSON with both for each variant, `ratio_vs_wds` and `fraction_of_decode_bound` (per core).
+
+    .venv/bin/python benchmarks/loader.py [--images 800] [--workers 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mycodist.catalog import Species
+from mycodist.config import load_config
+from mycodist.data import DataSpec, make_train_loader
+from mycodist.data.transforms import ImageConfig, crop_box
+from mycodist.shards import DatasetWriter
+
+SIZE = 224
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+LABELS = [f"species_{i:02d}" for i in range(10)]
+
+
+def photo_like(rng: np.random.Generator) -> bytes:
+    """A smooth colour field with texture, 500-900 px a side, JPEG q90 (~compresses like a photo)."""
+    w, h = int(rng.integers(500, 901)), int(rng.integers(500, 901))
+    low = rng.integers(0, 256, (int(rng.integers(4, 12)), int(rng.integers(4, 12)), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    img = np.clip(img + rng.normal(0, 5, (h, w, 1)).astype(np.int16), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_data(root: Path, n: int, per_shard: int) -> tuple[Path, Path, list[bytes]]:
+    shards, folders = root / "shards", root / "folders"
+    rng = np.random.default_rng(0)
+    jpgs = [photo_like(rng) for _ in range(n)]
+    cfg = load_config(None, [f"data.shard_max_samples={per_shard}"])
+    with DatasetWriter(shards, LABELS, [Species(lab, lab, lab) for lab in LABELS], cfg, source="bench") as w:
+        for i, jpg in enumerate(jpgs):
+            w.write("train", f"img{i:05d}", jpg, LABELS[i % len(LABELS)], {"url": None})
+    for i, jpg in enumerate(jpgs):
+        d = folders / LABELS[i % len(LABELS)]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"img{i:05d}.jpg").write_bytes(jpg)
+    return shards, folders, jpgs
+
+
+def usual_crop(img: Image.Image, rng: random.Random) -> torch.Tensor:
+    """RandomResizedCrop + flip + ToTensor + Normalize as torchvision does them, on a decoded image."""
+    img = img.convert("RGB")
+    x, y, w, h = crop_box(img.size[0], img.size[1], rng, (0.08, 1.0), (3 / 4, 4 / 3))
+    out = img.crop((x, y, x + w, y + h)).resize((SIZE, SIZE), Image.BILINEAR)
+    if rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = (np.asarray(out, np.float32) / 255 - MEAN) / STD
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def collate(samples):
+    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus every child it has reaped (finished DataLoader/Pool workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_loader(loader) -> tuple[float, int]:
+    t0, n = time.perf_counter(), 0
+    it = iter(loader)
+    for images, _ in it:
+        n += images.shape[0]
+    del it  # workers are joined here, so their CPU time is counted
+    return time.perf_counter() - t0, n
+
+
+def run_mycodist(shards: Path, workers: int, batch: int, output: str) -> tuple[float, int]:
+    cfg = load_config(None, [f"data.shards={shards}", f"data.workers={workers}", f"train.batch_size={batch}",
+                             f"data.output={output}", "data.epoch_remainder=wrap"])
+    return time_loader(make_train_loader(cfg, 0, 1, spec=DataSpec.from_config(cfg)))
+
+
+def run_wds(shards: Path, workers: int, batch: int) -> tuple[float, int]:
+    urls = sorted(str(p) for p in shards.glob("train-*.tar"))
+    rng = random.Random(0)
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(1000).decode("pil")
+          .to_tuple("jpg", "cls").map_tuple(lambda im: usual_crop(im, rng), int).batched(batch, collation_fn=collate))
+    return time_loader(DataLoader(ds, batch_size=None, num_workers=workers))
+
+
+class FolderDataset(Dataset):
+    def __init__(self, root: Path):
+        self.items = sorted((p, LABELS.index(p.parent.name)) for p in root.glob("*/*.jpg"))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        with Image.open(path) as im:
+            return usual_crop(im, random.Random(i)), label
+
+
+def run_folder(folders: Path, workers: int, batch: int) -> tuple[float, int]:
+    loader = DataLoader(FolderDataset(folders), batch_size=batch, shuffle=True, num_workers=workers,
+                        collate_fn=collate)
+    return time_loader(loader)
+
+
+_JPGS: list[bytes] = []
+
+
+def _decode_with_crop_draft(i: int) -> int:
+    data = _JPGS[i]
+    with Image.open(io.BytesIO(data)) as im:
+        x, y, w, h = crop_box(im.size[0], im.size[1], random.Random(i), (0.08, 1.0), (3 / 4, 4 / 3))
+        im.draft("RGB", (math.ceil(im.size[0] * SIZE / w), math.ceil(im.size[1] * SIZE / h)))
+        im.load()
+        return im.size[0]
+
+
+def _decode_with_fixed_draft(i: int) -> int:
+    with Image.open(io.BytesIO(_JPGS[i])) as im:
+        s = SIZE / min(im.size)
+        im.draft("RGB", (math.ceil(im.size[0] * s), math.ceil(im.size[1] * s)))
+        im.load()
+        return im.size[0]
+
+
+def run_decode(jpgs: list[bytes], workers: int, fn) -> tuple[float, int]:
+    global _JPGS
+    _JPGS = jpgs
+    t0 = time.perf_counter()
+    pool = mp.get_context("fork").Pool(max(workers, 1))
+    pool.map(fn, range(len(jpgs)), chunksize=16)
+    pool.close()
+    pool.join()  # reaped, so their CPU time is counted
+    return time.perf_counter() - t0, len(jpgs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=800)
+    ap.add_argument("--per-shard", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ImageConfig().check()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        shards, folders, jpgs = make_data(Path(tmp), args.images, args.per_shard)
+        mean_px = float(np.mean([Image.open(io.BytesIO(j)).size for j in jpgs]))
+        print(f"data: {len(jpgs)} JPEGs, mean side {mean_px:.0f} px, {sum(map(len, jpgs)) / len(jpgs) / 1024:.0f} KiB "
+              f"mean, made in {time.perf_counter() - t0:.1f} s")
+        variants = {
+            "mycodist": lambda: run_mycodist(shards, args.workers, args.batch, "float"),
+            "mycodist_uint8": lambda: run_mycodist(shards, args.workers, args.batch, "uint8"),
+            "webdataset_plain": lambda: run_wds(shards, args.workers, args.batch),
+            "class_folder": lambda: run_folder(folders, args.workers, args.batch),
+            "decode_bound": lambda: run_decode(jpgs, args.workers, _decode_with_crop_draft),
+            "decode_draft_224": lambda: run_decode(jpgs, args.workers, _decode_with_fixed_draft),
+        }
+        per_core: dict[str, float] = {}
+        wall: dict[str, float] = {}
+        for r in range(args.repeats):
+            for name, fn in variants.items():
+                c0 = cpu_seconds()
+                secs, n = fn()
+                cpu = cpu_seconds() - c0
+                per_core[name] = max(per_core.get(name, 0.0), n / cpu)
+                wall[name] = max(wall.get(name, 0.0), n / secs)
+                print(f"repeat {r} {name:>18}: {n} images, {secs:.2f} s wall = {n / secs:.0f} img/s, "
+                      f"{cpu:.2f} CPU s = {n / cpu:.0f} img/s per core")
+    result: dict[str, object] = {f"{k}_img_s_per_core": round(v, 1) for k, v in per_core.items()}
+    result.update({f"{k}_wall_img_s": round(v, 1) for k, v in wall.items()})
+    result.update({
+        "workers": args.workers, "batch": args.batch, "images": args.images, "cpus": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 1),
+        "ratio_vs_wds": round(per_core["mycodist"] / per_core["webdataset_plain"], 2),
+        "ratio_vs_class_folder": round(per_core["mycodist"] / per_core["class_folder"], 2),
+        "fraction_of_decode_bound": round(per_core["mycodist"] / per_core["decode_bound"], 2),
+        "uint8_ratio_vs_wds": round(per_core["mycodist_uint8"] / per_core["webdataset_plain"], 2),
+        "uint8_fraction_of_decode_bound": round(per_core["mycodist_uint8"] / per_core["decode_bound"], 2),
+        "wall_ratio_vs_wds": round(wall["mycodist"] / wall["webdataset_plain"], 2),
+    })
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The image path: JPEG bytes → uint8 crop (in the worker, per sample) → batch tensor (per batch).
+
+Per sample, the crop is chosen on the photo's full size first, then JPEG draft mode decodes at the
+largest 1/2, 1/4 or 1/8 scale that still leaves the crop at least as large as the output, and one
+Pillow resize with a source box does crop and resize together. That is the whole speed difference
+against the usual decode-everything-then-crop path.
+
+Per batch, colour jitter, mixup/cutmix and normalisation run as vectorised torch ops on the NHWC
+uint8 batch; NHWC storage *is* the channels-last layout of an NCHW tensor, so channels-last costs
+nothing and contiguous NCHW costs one copy.
+
+Randomness comes from a seed per (seed, epoch, sample key) or (seed, epoch, rank, batch), never from a
+running generator, so a resumed or re-laid-out epoch augments each sample identically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from mycodist.errors import UsageError
+
+OUTPUTS = ("float", "uint8")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The `data.*` augmentation keys, resolved once and passed to workers."""
+
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    output: str = "float"
+    channels_last: bool = False
+    eval_crop: float = 0.875
+    draft: bool = True
+
+    @property
+    def mixing(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mixup_prob > 0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> ImageConfig:
+        d = cfg.data
+        size = int(d.img_size) or int(cfg.model.img_size)
+        ic = cls(size=size, scale=_pair(d.scale, "data.scale"), ratio=_pair(d.ratio, "data.ratio"),
+                 hflip=float(d.hflip), color_jitter=float(d.color_jitter),
+                 mean=_triple(d.mean, "data.mean"), std=_triple(d.std, "data.std"),
+                 mixup_alpha=float(d.mixup_alpha), cutmix_alpha=float(d.cutmix_alpha),
+                 mixup_prob=float(d.mixup_prob), output=str(d.output), channels_last=bool(d.channels_last),
+                 eval_crop=float(d.eval_crop), draft=bool(d.draft))
+        ic.check()
+        return ic
+
+    def check(self) -> None:
+        if self.size < 8:
+            raise UsageError(f"image size {self.size} is too small; set data.img_size (0 = model.img_size)")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise UsageError(f"data.scale={list(self.scale)} must satisfy 0 < min <= max <= 1")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise UsageError(f"data.ratio={list(self.ratio)} must satisfy 0 < min <= max")
+        if not (0 < self.eval_crop <= 1):
+            raise UsageError(f"data.eval_crop={self.eval_crop} must be in (0, 1], e.g. 0.875")
+        if self.output not in OUTPUTS:
+            raise UsageError(f"data.output='{self.output}' must be one of {OUTPUTS}")
+        if min(self.std) <= 0:
+            raise UsageError("data.std values must be positive")
+        for k in ("hflip", "mixup_prob"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise UsageError(f"data.{k} must be a probability in [0, 1]")
+
+
+def _pair(v, key: str) -> tuple[float, float]:
+    vals = [float(x) for x in v]
+    if len(vals) != 2:
+        raise UsageError(f"{key} takes two numbers like [0.08, 1.0], got {vals}")
+    return vals[0], vals[1]
+
+
+def _triple(v, key: str) -> tuple[float, float, float]:
+    vals = [float(x) for x in v]
+    if len(vals) != 3:
+        raise UsageError(f"{key} takes one number per RGB channel, got {vals}")
+    return vals[0], vals[1], vals[2]
+
+
+def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, w, h): area share in `scale`, aspect in `ratio` (log-uniform)."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # fall back to the largest centred crop with an aspect inside `ratio`
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int,
+           use_draft: bool) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Draft-reduce a not-yet-loaded JPEG so `box` stays >= size; return the RGB image and the box rescaled."""
+    width, height = img.size
+    x0, y0, x1, y1 = box
+    if use_draft and img.format == "JPEG":
+        bw, bh = max(x1 - x0, 1), max(y1 - y0, 1)
+        img.draft("RGB", (math.ceil(width * size / bw), math.ceil(height * size / bh)))
+        sx, sy = img.size[0] / width, img.size[1] / height
+        box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img, box
+
+
+def decode_train(data: bytes, cfg: ImageConfig, rng: random.Random) -> np.ndarray:
+    """Random-resized-crop and flip one JPEG to a (size, size, 3) uint8 array."""
+    with Image.open(io.BytesIO(data)) as img:
+        x, y, w, h = crop_box(img.size[0], img.size[1], rng, cfg.scale, cfg.ratio)
+        flip = rng.random() < cfg.hflip
+        img, box = _draft(img, (x, y, x + w, y + h), cfg.size, cfg.draft)
+        arr = np.asarray(img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box), dtype=np.uint8)
+    return arr[:, ::-1] if flip else arr
+
+
+def eval_box(width: int, height: int, crop: float) -> tuple[float, float, float, float]:
+    """Resize-shorter-side-to size/crop then centre-crop size ≡ this centred square of the original."""
+    side = min(width, height) * crop
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def decode_eval(data: bytes, cfg: ImageConfig) -> np.ndarray:
+    """Centre crop (eval_crop share of the shorter side) resized to (size, size, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as img:
+        img, box = _draft(img, eval_box(img.size[0], img.size[1], cfg.eval_crop), cfg.size, cfg.draft)
+        return np.asarray(img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box), dtype=np.uint8)
+
+
+def color_jitter_(x: torch.Tensor, strength: float, rngs: list[random.Random]) -> torch.Tensor:
+    """Brightness, contrast, saturation factors in [1-s, 1+s] per image, on a float NHWC 0..255 batch."""
+    lo, hi = max(0.0, 1 - strength), 1 + strength
+    f = torch.tensor([[r.uniform(lo, hi) for _ in range(3)] for r in rngs], dtype=x.dtype)
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype)
+    x.mul_(f[:, 0].view(-1, 1, 1, 1))
+    mean = (x @ luma).mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    x.sub_(mean).mul_(f[:, 1].view(-1, 1, 1, 1)).add_(mean)
+    gray = (x @ luma).unsqueeze(-1)
+    x.sub_(gray).mul_(f[:, 2].view(-1, 1, 1, 1)).add_(gray)
+    return x.clamp_(0, 255)
+
+
+def one_hot(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(targets, num_classes).float()
+
+
+def mix_batch(x: torch.Tensor, targets: torch.Tensor, num_classes: int, cfg: ImageConfig,
+              rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix with the batch reversed (timm's pairing), on float NHWC; returns soft targets (B, C)."""
+    soft = one_hot(targets, num_classes)
+    if x.shape[0] < 2 or rng.random() >= cfg.mixup_prob:
+        return x, soft
+    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or rng.random() < 0.5)
+    alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
+    lam = rng.betavariate(alpha, alpha)
+    flipped = x.flip(0)
+    if use_cutmix:
+        h, w = x.shape[1], x.shape[2]
+        cut = math.sqrt(1 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = rng.randint(0, h - 1), rng.randint(0, w - 1)
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+        x = x.clone()
+        x[:, y0:y1, x0:x1] = flipped[:, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = x * lam + flipped * (1 - lam)
+    return x, soft * lam + soft.flip(0) * (1 - lam)
+
+
+def to_output(x: torch.Tensor, cfg: ImageConfig, shared: bool = False) -> torch.Tensor:
+    """NHWC batch (uint8, or float 0..255) → NCHW float normalised, or uint8; channels-last if asked.
+
+    The float path converts and transposes in one copy into the output, then normalises in place:
+    ~6x faster than convert → normalise → transpose, which matters at 38 MB per 64-image batch.
+    `shared` (in DataLoader workers) allocates the output in shared memory, so handing it to the
+    training process does not copy it once more."""
+    nchw = x.permute(0, 3, 1, 2)  # a channels-last view: no copy
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if cfg.output == "uint8":
+        if x.dtype != torch.uint8:
+            nchw = nchw.round().clamp_(0, 255).to(torch.uint8)
+        if cfg.channels_last and (x.is_shared() or not shared):
+            return nchw
+        dtype = torch.uint8
+    else:
+        dtype = torch.float32
+    out = torch.empty(nchw.shape, dtype=dtype).to(memory_format=fmt)
+    if shared:
+        out.share_memory_()
+    out.copy_(nchw)
+    if cfg.output == "uint8":
+        return out
+    scale = torch.tensor([1 / (255 * s) for s in cfg.std]).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(cfg.mean, cfg.std, strict=True)]).view(1, 3, 1, 1)
+    return out.mul_(scale).sub_(shift)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """For `data.output=uint8`: normalise an NCHW uint8 batch where it lands (e.g. on the GPU)."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - m) / s

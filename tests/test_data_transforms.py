@@ -1,0 +1,112 @@
+"""The image path: crops, draft decoding, eval crop, jitter, mixup/cutmix, output formats."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from data_util import config, noise_jpeg
+from PIL import Image
+
+from mycodist.data.transforms import (
+    ImageConfig,
+    color_jitter_,
+    crop_box,
+    decode_eval,
+    decode_train,
+    mix_batch,
+    normalize,
+    to_output,
+)
+from mycodist.errors import UsageError
+
+
+def gradient_jpeg(w: int, h: int) -> bytes:
+    """A smooth image: draft (DCT-scaled) and full decoding must agree closely on it."""
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    arr = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                          np.full((h, w, 1), 128, np.float32)], axis=2).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(640, 480), (31, 200), (300, 300)])
+def test_crop_box_stays_inside_and_respects_scale_and_ratio(size):
+    rng = random.Random(0)
+    for _ in range(200):
+        x, y, w, h = crop_box(*size, rng, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= x and 0 <= y and x + w <= size[0] and y + h <= size[1] and w > 0 and h > 0
+
+
+def test_train_crop_shape_dtype_and_determinism():
+    cfg = ImageConfig(size=32)
+    data = noise_jpeg(1, (120, 90))
+    a = decode_train(data, cfg, random.Random(5))
+    b = decode_train(data, cfg, random.Random(5))
+    c = decode_train(data, cfg, random.Random(6))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_draft_decoding_matches_full_decoding():
+    data = gradient_jpeg(800, 600)
+    for seed in range(5):
+        fast = decode_train(data, ImageConfig(size=64, draft=True), random.Random(seed)).astype(int)
+        full = decode_train(data, ImageConfig(size=64, draft=False), random.Random(seed)).astype(int)
+        assert np.abs(fast - full).mean() < 3
+
+
+def test_eval_crop_is_the_centre():
+    cfg = ImageConfig(size=32, eval_crop=0.5)
+    arr = np.zeros((100, 200, 3), np.uint8)
+    arr[25:75, 75:125] = 255  # a white centre square: half the shorter side
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=98)
+    out = decode_eval(buf.getvalue(), cfg)
+    assert out.shape == (32, 32, 3) and out[4:28, 4:28].min() > 200
+
+
+def test_float_output_is_normalised_nchw():
+    cfg = ImageConfig(size=8)
+    x = torch.full((2, 8, 8, 3), 255, dtype=torch.uint8)
+    out = to_output(x, cfg)
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32 and out.is_contiguous()
+    expected = torch.tensor([(1 - m) / s for m, s in zip(cfg.mean, cfg.std, strict=True)])
+    assert torch.allclose(out[0, :, 0, 0], expected, atol=1e-5)
+    u8 = to_output(x, ImageConfig(size=8, output="uint8", channels_last=True))
+    assert u8.dtype == torch.uint8 and u8.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(normalize(u8, cfg.mean, cfg.std), out, atol=1e-5)
+
+
+def test_color_jitter_keeps_range_and_zero_strength_is_identity():
+    x = torch.rand(3, 8, 8, 3) * 255
+    same = color_jitter_(x.clone(), 0.0, [random.Random(i) for i in range(3)])
+    assert torch.allclose(same, x, atol=1e-3)
+    out = color_jitter_(x.clone(), 0.8, [random.Random(i) for i in range(3)])
+    assert out.min() >= 0 and out.max() <= 255 and not torch.allclose(out, x)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixing_gives_soft_targets_that_sum_to_one(mixup, cutmix):
+    cfg = ImageConfig(size=8, mixup_alpha=mixup, cutmix_alpha=cutmix)
+    x = torch.rand(6, 8, 8, 3) * 255
+    t = torch.tensor([0, 1, 2, 3, 0, 1])
+    for seed in range(5):
+        mixed, soft = mix_batch(x, t, 4, cfg, random.Random(seed))
+        assert mixed.shape == x.shape and soft.shape == (6, 4)
+        assert torch.allclose(soft.sum(1), torch.ones(6))
+        assert soft.max() < 1 or torch.equal(mixed, x)
+
+
+def test_config_keys_are_checked():
+    ic = ImageConfig.from_config(config("data.img_size=0", "model.img_size=96"))
+    assert ic.size == 96
+    with pytest.raises(UsageError, match="data.output"):
+        ImageConfig.from_config(config("data.output=half"))
+    with pytest.raises(UsageError, match="data.scale"):
+        ImageConfig.from_config(config("data.scale=[0.5,0.1]"))
