@@ -3,16 +3,12 @@ Markup: docs/crawling.md (div#name-list, div.caption, div.labelus + div.textus, 
 
 from __future__ import annotations
 
-import asyncio
 import re
-from typing import Any
 from urllib.parse import urljoin
 
 from mycodist.catalog import Species, normalize_edibility, slugify
-from mycodist.crawl.fetch import Fetcher, FetchError
-from mycodist.crawl.sources import Discovery, Photo
 from mycodist.crawl.sources.html import Node, parse_html
-from mycodist.errors import UsageError
+from mycodist.crawl.sources.site import SiteSource
 
 _CAPTION = re.compile(r"^\s*(?P<sci>[^()]+?)\s*(?:\((?P<common>[^)]*)\))?\s*$")
 
@@ -67,36 +63,18 @@ def parse_species_page(html: str, page_url: str, source: str = "mushroomworld") 
     return species, list(dict.fromkeys(photos))
 
 
-class MushroomWorld:
+class MushroomWorld(SiteSource):
     name = "mushroomworld"
+    index_markup = "div#name-list div.item a[href]"
+    url_key = "crawl.base_url"
+    unparsable_page = "no_caption"
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
+        super().__init__(f"{self.base_url}/mushrooms/namelist")
 
-    async def discover(self, fetcher: Fetcher) -> Discovery:
-        namelist = f"{self.base_url}/mushrooms/namelist"
-        try:
-            resp = await fetcher.get(namelist)
-        except FetchError as e:
-            raise UsageError(f"cannot read the species list {namelist} ({e}); check crawl.base_url") from None
-        pages = parse_namelist(resp.body.decode("utf-8", "replace"), resp.url)
-        if not pages:
-            raise UsageError(f"{namelist} lists no species (no div#name-list div.item a[href]); is it mushroom.world markup?")
-        found = Discovery(pages=len(pages) + 1)
-        results = await asyncio.gather(*(self._page(fetcher, u) for u in pages))
-        for result in results:
-            if isinstance(result, str):
-                found.problems[f"page_{result}"] += 1
-                continue
-            species, photos = result
-            found.species.setdefault(species.label, species)
-            found.photos.extend(Photo(p, species.label) for p in photos)
-        return found
+    def parse_index(self, html: str, page_url: str) -> list[str]:
+        return parse_namelist(html, page_url)
 
-    async def _page(self, fetcher: Fetcher, url: str) -> Any:
-        try:
-            resp = await fetcher.get(url)
-        except FetchError as e:
-            return e.reason
-        parsed = parse_species_page(resp.body.decode("utf-8", "replace"), resp.url)
-        return parsed if parsed is not None else "no_caption"
+    def parse_page(self, html: str, page_url: str) -> tuple[Species, list[str]] | None:
+        return parse_species_page(html, page_url)

@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-from typing import Any
 from urllib.parse import urljoin
 
 from mycodist.catalog import Species, normalize_edibility, slugify
-from mycodist.crawl.fetch import Fetcher, FetchError
-from mycodist.crawl.sources import Discovery, Photo
 from mycodist.crawl.sources.html import parse_html
-from mycodist.errors import UsageError
+from mycodist.crawl.sources.site import SiteSource
 
 IMAGE_EXT = re.compile(r"\.(jpe?g|png|webp|gif)(\?.*)?$", re.I)
 _FACT = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z /]{1,30}?)\s*:\s*(?P<value>.+)$")
@@ -63,35 +59,19 @@ def parse_species_page(html: str, page_url: str) -> tuple[Species, list[str]] | 
     return species, list(dict.fromkeys(photos))
 
 
-class WildFoodUK:
+class WildFoodUK(SiteSource):
     name = "wildfooduk"
+    index_what = "guide"
+    index_markup = "div#mushroom-guide td.mushroom-image a[href]"
+    url_key = "crawl.wildfooduk_url"
+    unparsable_page = "no_title"
 
     def __init__(self, guide_url: str) -> None:
+        super().__init__(guide_url)
         self.guide_url = guide_url
 
-    async def discover(self, fetcher: Fetcher) -> Discovery:
-        try:
-            resp = await fetcher.get(self.guide_url)
-        except FetchError as e:
-            raise UsageError(f"cannot read the guide {self.guide_url} ({e}); check crawl.wildfooduk_url") from None
-        pages = parse_guide(resp.body.decode("utf-8", "replace"), resp.url)
-        if not pages:
-            raise UsageError(f"{self.guide_url} links no species (no div#mushroom-guide td.mushroom-image a[href])")
-        found = Discovery(pages=len(pages) + 1)
-        results = await asyncio.gather(*(self._page(fetcher, u) for u in pages))
-        for result in results:
-            if isinstance(result, str):
-                found.problems[f"page_{result}"] += 1
-                continue
-            species, photos = result
-            found.species.setdefault(species.label, species)
-            found.photos.extend(Photo(p, species.label) for p in photos)
-        return found
+    def parse_index(self, html: str, page_url: str) -> list[str]:
+        return parse_guide(html, page_url)
 
-    async def _page(self, fetcher: Fetcher, url: str) -> Any:
-        try:
-            resp = await fetcher.get(url)
-        except FetchError as e:
-            return e.reason
-        parsed = parse_species_page(resp.body.decode("utf-8", "replace"), resp.url)
-        return parsed if parsed is not None else "no_title"
+    def parse_page(self, html: str, page_url: str) -> tuple[Species, list[str]] | None:
+        return parse_species_page(html, page_url)
