@@ -110,3 +110,51 @@ def test_config_keys_are_checked():
         ImageConfig.from_config(config("data.output=half"))
     with pytest.raises(UsageError, match="data.scale"):
         ImageConfig.from_config(config("data.scale=[0.5,0.1]"))
+
+
+def test_reducing_gap_is_validated_and_stays_close_to_plain_resize():
+    import io as _io
+    import random as _random
+
+    import numpy as _np
+    from PIL import Image as _Image
+
+    from mycodist.config import load_config as _load
+    from mycodist.data.transforms import ImageConfig, decode_train
+    from mycodist.errors import UsageError as _UsageError
+
+    with pytest.raises(_UsageError, match="reducing_gap"):
+        ImageConfig.from_config(_load(None, ["data.reducing_gap=0.5", "model.img_size=64"])).check()
+    # a large smooth PNG (draft cannot reduce it) where the reducing gap really acts
+    yy, xx = _np.mgrid[0:1600, 0:1800]
+    arr = _np.stack([(xx * 255 // 1800), (yy * 255 // 1600), ((xx + yy) % 256)], -1).astype(_np.uint8)
+    buf = _io.BytesIO()
+    _Image.fromarray(arr).save(buf, "PNG")
+    outs = {}
+    for gap in (0.0, 2.0):
+        cfg = ImageConfig.from_config(_load(None, [f"data.reducing_gap={gap}", "model.img_size=64"]))
+        outs[gap] = decode_train(buf.getvalue(), cfg, _random.Random(3)).astype(int)
+    diff = _np.abs(outs[0.0] - outs[2.0])
+    assert outs[0.0].shape == (64, 64, 3)
+    assert diff.mean() < 1.5 and diff.max() < 40
+
+
+def test_float_batches_identical_with_zero_and_two_workers(tmp_path):
+    from data_util import loader_config, make_shards
+
+    from mycodist.data import DataSpec, make_train_loader
+
+    make_shards(tmp_path, train=[30, 34], val=[6])
+    batches = {}
+    for workers in (0, 2):
+        cfg = loader_config(tmp_path, f"data.workers={workers}", "data.color_jitter=0")
+        spec = DataSpec.from_config(cfg)
+        loader = make_train_loader(cfg, 0, 1, spec=spec)
+        batches[workers] = [(x.clone(), y.clone()) for x, y in loader]
+    assert len(batches[0]) == len(batches[2]) > 0
+
+    def samples(bs):  # worker count changes the order, never a sample's pixels (its crop rng is per sample)
+        return sorted((int(y), tuple(x.flatten()[::97].tolist())) for xb, yb in bs for x, y in zip(xb, yb, strict=True))
+
+    assert batches[0][0][0].dtype == torch.float32
+    assert samples(batches[0]) == samples(batches[2])

@@ -1,9 +1,11 @@
 """Train and eval loaders: the layout (layout.py) + raw streams (stream.py) + images (transforms.py).
 
 Batches are built inside DataLoader workers (batch_size=None), so only finished batches cross
-process boundaries. Each worker yields (images, targets, keys, stats delta); the loader object in
-the training process strips the last two, keeps `last_keys`, sums `bad_samples`, counts consumed
-batches for `state_dict()`, and stops the run when bad samples pass `data.max_bad_fraction`.
+process boundaries. Each worker decodes straight into a shared-memory NHWC batch (uint8, or float
+0..255 after jitter/mixing) and yields (images, targets, keys, stats delta); the loader object in
+the training process turns the images into the configured output (`to_output`: normalised float or
+uint8, NCHW), strips keys and stats, keeps `last_keys`, sums `bad_samples`, counts consumed batches
+for `state_dict()`, and stops the run when bad samples pass `data.max_bad_fraction`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ from mycodist.data.layout import (
 )
 from mycodist.data.spec import DataSpec, ShardInfo
 from mycodist.data.stream import Sample, worker_stream
-from mycodist.data.transforms import ImageConfig, color_jitter_, decode_eval, decode_train, mix_batch, to_output
+from mycodist.data.transforms import (
+    ImageConfig,
+    color_jitter_,
+    decode_eval,
+    decode_train,
+    empty_batch,
+    mix_batch,
+    share,
+    to_output,
+)
 from mycodist.errors import UsageError
 
 log = logging.getLogger("mycodist.data")
@@ -100,10 +111,12 @@ def _note_bad(stats: Counter, reason: str, message: str) -> None:
         log.warning("bad sample skipped (%s): %s", reason, message)
 
 
-def _decode_or_count(decode, sample: Sample, num_classes: int, stats: Counter) -> tuple[np.ndarray, int] | None:
+def _decode_or_count(decode, sample: Sample, num_classes: int, stats: Counter,
+                     out: np.ndarray | None = None) -> tuple[np.ndarray, int] | None:
+    """(pixels, label), the pixels written into `out` (a batch slot) when given; None if the sample is bad."""
     try:
         label = _label_of(sample, num_classes)
-        return decode(sample), label
+        return decode(sample, out), label
     except _Bad as b:
         _note_bad(stats, b.reason, str(b))
     except Exception as e:  # Pillow raises many types for broken JPEGs
@@ -166,30 +179,37 @@ class TrainStream(IterableDataset):
             expand = lambda samples: _balanced(samples, rate, bseed)  # noqa: E731
         raw = worker_stream(pieces, stats, p.interleave, p.shuffle_buffer, seed, expand)
         raw = itertools.islice(raw, done * p.batch_size, None)
-        num_classes = len(self.labels)
+        num_classes, size = len(self.labels), self.image.size
         filler: list[tuple[np.ndarray, int, str]] = []
+        shared = get_worker_info() is not None
 
-        def decode(sample: Sample):
+        def decode(sample: Sample, out: np.ndarray | None = None) -> np.ndarray:
             rng = random.Random(derive_seed("aug", p.seed, epoch, sample.get("__key__"), sample.get("__copy__", 0)))
-            return decode_train(sample["jpg"], self.image, rng)
+            return decode_train(sample["jpg"], self.image, rng, out)
 
         for j in range(done, mine):
-            chunk = list(itertools.islice(raw, p.batch_size))
-            good: list[tuple[np.ndarray, int, str]] = []
-            for s in chunk:
-                out = _decode_or_count(decode, s, num_classes, stats)
+            # a fresh batch each time: the previous one may still be in use by the training process
+            x = empty_batch((p.batch_size, size, size, 3), torch.uint8, shared)
+            slots = x.numpy()
+            good: list[tuple[int, str]] = []
+            for s in itertools.islice(raw, p.batch_size):
+                out = _decode_or_count(decode, s, num_classes, stats, slots[len(good)])
                 if out is not None:
-                    good.append((out[0], out[1], str(s["__key__"])))
+                    good.append((out[1], str(s["__key__"])))
             if not good:  # a lost stretch (missing/truncated shard, all undecodable): stand-in samples
                 stats["padded"] += p.batch_size
                 filler = filler or self._fallback(order, decode)
-                good = filler
+                for i, (arr, label, key) in enumerate(filler):
+                    slots[i] = arr
+                    good.append((label, key))
             elif len(good) < p.batch_size:
                 stats["padded"] += p.batch_size - len(good)
+            for i in range(len(good), p.batch_size):  # repeat the good samples to a full batch
+                slots[i] = slots[i % len(good)]
             good = list(itertools.islice(itertools.cycle(good), p.batch_size))
             batch_index = worker + j * workers
-            images, targets = self._collate(good, epoch, batch_index)
-            yield images, targets, [k for _, _, k in good], dict(stats)
+            images, targets = self._collate(x, good, epoch, batch_index)
+            yield images, targets, [k for _, k in good], dict(stats)
             stats.clear()
 
     def _fallback(self, order: list[ShardInfo], decode) -> list[tuple[np.ndarray, int, str]]:
@@ -203,26 +223,28 @@ class TrainStream(IterableDataset):
         for s in stream:
             out = _decode_or_count(decode, s, len(self.labels), scratch)
             if out is not None:
-                good.append((out[0], out[1], str(s["__key__"])))
+                good.append((np.ascontiguousarray(out[0]), out[1], str(s["__key__"])))
                 if len(good) >= self.params.batch_size:
                     break
         if not good:
             raise BadDataError("no decodable training sample in the whole data set; run `mycodist verify`")
         return good
 
-    def _collate(self, good, epoch: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _collate(self, x: torch.Tensor, good: list[tuple[int, str]], epoch: int,
+                 batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-level augmentation on the NHWC batch `x`; the output conversion waits for the loader."""
         ic = self.image
-        x = torch.from_numpy(np.stack([a for a, _, _ in good]))
-        targets = torch.tensor([t for _, t, _ in good], dtype=torch.long)
+        targets = torch.tensor([t for t, _ in good], dtype=torch.long)
+        if not (ic.color_jitter > 0 or ic.mixing):
+            return x, targets
         rng = random.Random(derive_seed("batch", self.params.seed, epoch, self.rank, batch_index))
-        if ic.color_jitter > 0 or ic.mixing:
-            x = x.float()
+        x = x.float()
         if ic.color_jitter > 0:
             x = color_jitter_(x, ic.color_jitter, [random.Random(derive_seed("jitter", rng.random(), k))
-                                                   for _, _, k in good])
+                                                   for _, k in good])
         if ic.mixing:
             x, targets = mix_batch(x, targets, len(self.labels), ic, rng)
-        return to_output(x, ic, shared=get_worker_info() is not None), targets
+        return (share(x) if get_worker_info() is not None else x), targets
 
 
 class EvalStream(IterableDataset):
@@ -248,17 +270,18 @@ class EvalStream(IterableDataset):
         start = offset + sum(sum(sizes[w::workers]) for w in range(worker))
         stats: Counter = Counter()
         raw = worker_stream(pieces_for(self.shards, start, start + sum(mine)), stats, 1, 1, 0)
-        decode = lambda sample: decode_eval(sample["jpg"], self.image)  # noqa: E731
-        empty = torch.zeros((0, self.image.size, self.image.size, 3), dtype=torch.uint8)
+        decode = lambda sample, out=None: decode_eval(sample["jpg"], self.image, out)  # noqa: E731
+        side, shared = self.image.size, get_worker_info() is not None
         for size in mine:
-            good = []
+            x = empty_batch((size, side, side, 3), torch.uint8, shared)
+            slots = x.numpy()
+            good: list[tuple[int, str]] = []
             for s in itertools.islice(raw, size):
-                out = _decode_or_count(decode, s, self.num_classes, stats)
+                out = _decode_or_count(decode, s, self.num_classes, stats, slots[len(good)])
                 if out is not None:
-                    good.append((out[0], out[1], str(s["__key__"])))
-            x = torch.from_numpy(np.stack([a for a, _, _ in good])) if good else empty
-            labels = torch.tensor([t for _, t, _ in good], dtype=torch.long)
-            yield to_output(x, self.image, shared=get_worker_info() is not None), labels, [k for _, _, k in good], dict(stats)
+                    good.append((out[1], str(s["__key__"])))
+            labels = torch.tensor([t for t, _ in good], dtype=torch.long)
+            yield x[:len(good)], labels, [k for _, k in good], dict(stats)
             stats.clear()
 
 
@@ -347,7 +370,7 @@ class TrainLoader(_Loader):
                     f"of {self.samples_per_epoch}; run `mycodist verify` on the shards, or raise the limit")
             self.batches += 1
             self.last_keys = keys
-            yield images, targets
+            yield to_output(images, self.stream.image), targets
 
     def state_dict(self) -> dict[str, Any]:
         p = self.params
@@ -383,7 +406,7 @@ class EvalLoader(_Loader):
         for images, labels, keys, stats in self._batches():
             self._absorb(stats)
             self.last_keys = keys
-            yield images, labels, keys
+            yield to_output(images, self.stream.image), labels, keys
 
 
 def make_train_loader(cfg: DictConfig, rank: int, world_size: int, spec: DataSpec | None = None,
