@@ -1,0 +1,1 @@
+"""Inference for `mycodist predict` and `mycodist serve`: export loading, safety verdicts, the web app."""

@@ -1,0 +1,216 @@
+"""The export folder → a ready model, and logits → the API's answer. Shared by `predict` and `serve`.
+
+Export folder (written by `mycodist export`, docs/serving.md):
+  model.safetensors   fp32 state dict, timm-style names
+  config.yaml         the resolved run config (model group builds the model, img_size/mean/std preprocess)
+  class_indices.json  {"0": label, ...}
+  species.json        the catalogue (edibility, lookalikes, ...)
+  calibration.json    {"temperature": T, "ood_scores_on_val": {score: {"q01": .., "q05": .., ...}}}
+                      and/or an explicit {"ood": {"score": name, "threshold": t}} (which wins)
+
+OOD scores are computed on the calibrated logits (logits / T), as the export computes its quantiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from mycodist import __version__
+from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_class_indices, load_species
+from mycodist.errors import UsageError
+from mycodist.serve.preprocess import EvalTransform
+from mycodist.serve.verdict import WARNING, SafetyRules, decide
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CALIBRATION = "calibration.json"
+OOD_SCORES = ("max_logit", "max_prob", "neg_energy")
+OOD_ALIASES = {"energy": "neg_energy"}
+ModelBuilder = Callable[[Any, int], torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class OodRule:
+    """An in-distribution score of the calibrated logits (higher = more familiar); below `threshold` → OOD.
+
+    max_logit: the largest logit; max_prob: the largest probability; neg_energy: logsumexp of the logits.
+    The threshold is a low quantile of the score on validation photos (e.g. q05: 5% of real photos of
+    known species are turned away), so it is calibrated, not guessed.
+    """
+
+    score: str
+    threshold: float
+    source: str = ""
+
+    def scores(self, scaled_logits: torch.Tensor) -> torch.Tensor:
+        if self.score == "max_logit":
+            return scaled_logits.max(dim=-1).values
+        if self.score == "max_prob":
+            return scaled_logits.softmax(dim=-1).max(dim=-1).values
+        return torch.logsumexp(scaled_logits, dim=-1)
+
+
+@dataclass
+class Export:
+    model: torch.nn.Module
+    labels: list[str]
+    species: dict[str, Species]
+    temperature: float
+    ood: OodRule | None
+    transform: EvalTransform
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def default_builder(model_cfg: Any, num_classes: int) -> torch.nn.Module:
+    """The training architecture, without what only training needs: the export's weights replace any
+    pretrained ones (which may not even be on this machine) and gradient checkpointing is off."""
+    from mycodist.models import build_model  # the models package is heavy; import it only when serving
+
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    cfg.update(pretrained="", grad_checkpointing=False)
+    return build_model(cfg, num_classes)
+
+
+def read_calibration(path: Path, score: str = "neg_energy", quantile: float = 0.05) -> tuple[float, OodRule | None]:
+    """Temperature and OOD rule; anything missing is tolerated with a warning (T = 1, OOD check off).
+
+    The rule is the explicit `ood` entry if present, else `ood_scores_on_val[score]["qNN"]` for `quantile`.
+    """
+    if not path.is_file():
+        log.warning("%s is missing: probabilities are uncalibrated (T = 1) and the OOD check is off", path)
+        return 1.0, None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read calibration '{path}': {e}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"'{path}' must hold a JSON object like {{\"temperature\": 1.3}}")
+    t = raw.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise UsageError(f"'{path}': temperature must be a positive number, got {t!r}")
+    ood = raw.get("ood")
+    if isinstance(ood, dict) and isinstance(ood.get("threshold"), (int, float)):
+        name = OOD_ALIASES.get(str(ood.get("score")), str(ood.get("score")))
+        if name not in OOD_SCORES:
+            raise UsageError(f"'{path}': ood.score {ood.get('score')!r} is not one of {OOD_SCORES}")
+        return float(t), OodRule(name, float(ood["threshold"]), "calibration.json ood")
+    name = OOD_ALIASES.get(score, score)
+    key = f"q{round(quantile * 100):02d}"
+    stats = raw.get("ood_scores_on_val")
+    value = stats.get(name, {}).get(key) if isinstance(stats, dict) and isinstance(stats.get(name), dict) else None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        log.warning("%s has no OOD statistic ood_scores_on_val.%s.%s: the out-of-distribution check is off",
+                    path, name, key)
+        return float(t), None
+    return float(t), OodRule(name, float(value), f"calibration.json ood_scores_on_val.{name}.{key}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuilder | None = None,
+                ood_score: str = "neg_energy", ood_quantile: float = 0.05) -> Export:
+    """Load and check everything once, at start-up, so a broken export fails before serving a request."""
+    d = Path(export_dir)
+    if not d.is_dir():
+        raise UsageError(f"export folder '{d}' does not exist; make one with `mycodist export RUN_DIR`")
+    for name in (MODEL_FILE, "config.yaml", CLASS_INDICES, SPECIES):
+        if not (d / name).is_file():
+            raise UsageError(f"'{d}' is not an export folder: {name} is missing (`mycodist export RUN_DIR` writes it)")
+    try:
+        cfg = OmegaConf.load(d / "config.yaml")
+    except Exception as e:
+        raise UsageError(f"cannot read '{d / 'config.yaml'}': {e}") from None
+    if not isinstance(cfg, DictConfig) or "model" not in cfg:
+        raise UsageError(f"'{d / 'config.yaml'}' has no model group")
+    labels = load_class_indices(d / CLASS_INDICES)
+    species = load_species(d / SPECIES)
+    missing = [lab for lab in labels if lab not in species]
+    if missing:
+        log.warning("%d classes have no species record (treated as unknown edibility): %s", len(missing), missing[:5])
+    temperature, ood = read_calibration(d / CALIBRATION, ood_score, ood_quantile)
+    try:
+        transform = EvalTransform.from_config(cfg)
+    except ValueError as e:
+        raise UsageError(f"'{d / 'config.yaml'}': {e}") from None
+
+    model = (builder or default_builder)(cfg.model, len(labels))
+    try:
+        state = load_file(str(d / MODEL_FILE))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3] if line.strip())[:300]
+        raise UsageError(f"'{d / MODEL_FILE}' does not fit model '{cfg.model.get('name')}' with "
+                         f"{len(labels)} classes ({detail or e}); was it exported from this run's config?") from None
+    model.eval().to(device)
+    sha = _sha256(d / MODEL_FILE)
+    info = {"id": f"{cfg.model.get('name', 'model')}-{sha[:12]}", "name": str(cfg.model.get("name", "")),
+            "sha256": sha, "classes": len(labels), "img_size": transform.size, "version": __version__,
+            "temperature": temperature, "ood": None if ood is None else {"score": ood.score, "threshold": ood.threshold, "source": ood.source}}
+    return Export(model, labels, species, temperature, ood, transform, info)
+
+
+class Predictor:
+    """Runs the model on batches and turns each row of logits into top-k, verdict and warning."""
+
+    def __init__(self, export: Export, rules: SafetyRules, top_k: int = 5, use_ood: bool = True,
+                 device: str = "cpu") -> None:
+        self.export = export
+        self.rules = rules
+        self.top_k = max(1, min(int(top_k), len(export.labels)))
+        self.ood = export.ood if use_ood else None
+        self.device = device
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.export.model(batch.to(self.device))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float().cpu()
+
+    def answer(self, logits: torch.Tensor) -> dict[str, Any]:
+        """One row of raw logits → the JSON answer (without image-specific fields)."""
+        ex = self.export
+        scaled = logits / ex.temperature
+        probs_t = torch.softmax(scaled, dim=-1)
+        probs = probs_t.tolist()
+        ood_json = None
+        out_of_distribution = False
+        if self.ood is not None:
+            score = float(self.ood.scores(scaled.unsqueeze(0))[0])
+            out_of_distribution = not (score >= self.ood.threshold)  # NaN counts as out of distribution
+            ood_json = {"score_name": self.ood.score, "score": score, "threshold": self.ood.threshold,
+                        "out_of_distribution": out_of_distribution}
+        verdict = decide(probs, ex.labels, ex.species, self.rules, out_of_distribution=out_of_distribution)
+        top = torch.topk(probs_t, self.top_k)
+        top_k = []
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            lab = ex.labels[i]
+            s = ex.species.get(lab)
+            top_k.append({"label": lab, "scientific_name": s.scientific_name if s else "",
+                          "common_name": s.common_name if s else "", "family": s.family if s else "",
+                          "probability": p, "edibility": s.edibility if s else "unknown"})
+        return {"top_k": top_k, "verdict": verdict.to_json(), "warning": WARNING,
+                "ood": ood_json, "model": {k: ex.info[k] for k in ("id", "name", "version", "sha256")}}
+
+    def predict(self, tensors: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """A list of preprocessed images → one answer each, in one forward pass."""
+        logits = self.logits(torch.stack(tensors))
+        return [self.answer(row) for row in logits]
