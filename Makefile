@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 
-.PHONY: demo test install install-dev lint clean
+.PHONY: demo test install install-dev browser lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install --quiet -e ".[dev,deepspeed]"
 	touch $@
 
+# The serving page is tested in a real headless Chromium (Debian's package; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found and not installable here (needs root + apt-get): the browser test will skip"; fi; }
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
@@ -32,7 +40,7 @@ demo: install
 	$(PY) -m mycodist verify $(DEMO_DIR)/shards
 	$(PY) -m mycodist stats $(DEMO_DIR)/shards --report $(DEMO_DIR)/report
 
-test: install-dev
+test: install-dev browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
