@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from mycodist.atomic import atomic_write_json
 from mycodist.errors import UsageError
@@ -76,7 +77,7 @@ class Species:
         return d
 
     @classmethod
-    def from_json(cls, label: str, d: Mapping[str, Any]) -> "Species":
+    def from_json(cls, label: str, d: Mapping[str, Any]) -> Species:
         known = {k: d[k] for k in ("scientific_name", "common_name", "family", "edibility", "lookalikes", "source", "facts") if k in d}
         known.setdefault("scientific_name", "")
         known.setdefault("common_name", "")

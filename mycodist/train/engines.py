@@ -1,0 +1,469 @@
+"""The three ways a step is distributed: Accelerate (DDP, or DeepSpeed through its plugin), DeepSpeed
+itself (ZeRO 0-3, offload), and a bare torchrun DDP. The loop only sees `Engine`, so the same step
+code runs under every launcher, and each engine owns the launcher's traps (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from mycodist.errors import UsageError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def launched_by() -> str:
+    """Which launcher started this process, from the environment each one sets."""
+    if any(k.startswith("ACCELERATE_") for k in os.environ) and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        return "accelerate"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "accelerate"
+    if os.environ.get("MYCODIST_LAUNCHER") == "deepspeed" or "DS_LAUNCHER" in os.environ:
+        return "deepspeed"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    return "none"
+
+
+def choose_engine(cfg: DictConfig) -> str:
+    """`train.engine=auto`: follow the launcher; otherwise DeepSpeed when ZeRO or a DS config is asked for."""
+    engine = cfg.train.engine
+    if engine not in ENGINES:
+        raise UsageError(f"train.engine={engine!r} is not one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    by = launched_by()
+    if by == "accelerate":
+        return "accelerate"
+    if by == "deepspeed" or cfg.train.zero_stage > 0 or cfg.train.deepspeed_config:
+        return "deepspeed"
+    return "accelerate"
+
+
+def check_precision(cfg: DictConfig) -> str:
+    p = cfg.train.precision
+    if p not in PRECISIONS:
+        raise UsageError(f"train.precision={p!r} is not one of {', '.join(PRECISIONS)}")
+    return p
+
+
+def check_world(world_size: int) -> None:
+    """Trap 2 of docs/training.md: a launcher that started N processes which each think they are alone."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != expected:
+        raise RuntimeError(
+            f"the launcher set WORLD_SIZE={expected} but the process group has {world_size} rank(s); "
+            "on CPU use `mycodist train --nproc N` or set ACCELERATE_USE_CPU=true with --multi_gpu"
+        )
+
+
+class Engine:
+    """What the loop needs from a distributed backend; subclasses fill in the backend's calls."""
+
+    name = "base"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.precision = check_precision(cfg)
+        self.grad_accum = max(1, int(cfg.train.grad_accum))
+        self.clip_grad = float(cfg.train.clip_grad)
+        self.zero_stage = 0
+        self.model: Any = None  # what forward is called on (wrapped)
+        self.module: torch.nn.Module | None = None  # the bare module (its parameters may be ZeRO-3 partitions)
+        self.optimizer: Any = None
+
+    # --- process facts -------------------------------------------------------------
+    rank = 0
+    world_size = 1
+    local_rank = 0
+    device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """DeepSpeed bf16/fp16 keeps the weights in low precision and does not autocast the inputs."""
+        return torch.float32
+
+    # --- setup ---------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
+        raise NotImplementedError
+
+    # --- the step --------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward+backward; skips the gradient all-reduce unless `is_last`."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float | None:
+        """Clip, optimizer step, zero grads; returns the global grad norm before clipping when known."""
+        raise NotImplementedError
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    # --- collectives -----------------------------------------------------------------
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            out: list[Any] = [None] * self.world_size
+            dist.all_gather_object(out, obj)
+            return out
+        return [obj]
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        """Inside, every rank holds every parameter in full (a no-op except under ZeRO-3)."""
+        yield
+
+    # --- checkpoints -----------------------------------------------------------------
+    def save(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def close(self, clean: bool = True) -> None:
+        """Clean teardown: barrier, drop references, then destroy the group (trap 5: abort at exit)."""
+        import gc
+
+        if clean:
+            self.barrier()
+        self.model = self.module = self.optimizer = None
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _torch_adamw(cfg: DictConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups, lr=float(cfg.train.lr), betas=tuple(cfg.train.betas),
+                             weight_decay=float(cfg.train.weight_decay))
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _pick_device() -> tuple[torch.device, int]:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), local_rank
+    return torch.device("cpu"), local_rank
+
+
+class TorchDDPEngine(Engine):
+    """Bare `torch.nn.parallel.DistributedDataParallel` under torchrun: the fewest moving parts."""
+
+    name = "torchrun-ddp"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.device, self.local_rank = _pick_device()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group(_backend(self.device))
+        if dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        check_world(self.world_size)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
+        model.to(self.device)
+        self.module = model
+        self.optimizer = _torch_adamw(self.cfg, param_groups)
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.model = model
+
+    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
+        if is_last or self.world_size == 1:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        self.scaler.scale(loss / self.grad_accum).backward()
+
+    def step(self) -> float | None:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, ckpt_dir: Path) -> None:
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
+                      str(ckpt_dir / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                       ckpt_dir / "optimizer.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.module.load_state_dict(load_file(str(ckpt_dir / "model.safetensors"), device=str(self.device)))
+        state = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _skip_transformers_weakref() -> None:
+    """Accelerate's DeepSpeed plugin imports `transformers` only to register a ZeRO-3 init weakref for HF
+    models; without transformers installed it dies. Our models never need it, so make it a no-op then."""
+    from accelerate.utils import DeepSpeedPlugin, is_transformers_available
+
+    if not is_transformers_available():
+        DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None  # type: ignore[method-assign]
+
+
+def _skip_shm_op() -> None:
+    """On CPU, `deepspeed.init_distributed` compiles a shared-memory comm op (~21 s, 1.6 GB) training does
+    not use; gloo does the collectives. The dotted import hands back torch, hence importlib."""
+    if torch.cuda.is_available() or os.environ.get("MYCODIST_DS_SHM_OP") == "1":
+        return
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_comm_torch.build_shm_op = lambda: None
+
+
+class AccelerateEngine(Engine):
+    """`accelerate launch` (DDP, or DeepSpeed when its config says so) and torchrun with ACCELERATE_USE_CPU."""
+
+    name = "accelerate"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        cpu = not torch.cuda.is_available()
+        self.uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if self.uses_deepspeed:
+            if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+                raise UsageError("ACCELERATE_USE_CPU=true makes accelerate ignore its DeepSpeed config; "
+                                 "unset it (DeepSpeed runs on CPU by itself)")
+            _skip_transformers_weakref()
+            _skip_shm_op()
+        elif cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # else N lone rank-0s (trap 2)
+        kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
+        self.accelerator = Accelerator(
+            mixed_precision="no" if self.precision == "fp32" else self.precision,
+            gradient_accumulation_steps=self.grad_accum,
+            kwargs_handlers=kwargs,
+        )
+        acc = self.accelerator
+        self.rank, self.world_size, self.local_rank = acc.process_index, acc.num_processes, acc.local_process_index
+        self.device = acc.device
+        check_world(self.world_size)
+        if self.uses_deepspeed:
+            plugin = acc.state.deepspeed_plugin
+            ds = plugin.deepspeed_config
+            self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+            ds["train_micro_batch_size_per_gpu"] = int(cfg.train.batch_size)
+            ds["gradient_accumulation_steps"] = self.grad_accum
+            ds["train_batch_size"] = int(cfg.train.batch_size) * self.grad_accum * self.world_size
+            if ds.get("gradient_clipping", "auto") in ("auto", None) or "gradient_clipping" not in ds:
+                ds["gradient_clipping"] = self.clip_grad
+            ds["steps_per_print"] = 1 << 30
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision] if self.uses_deepspeed else torch.float32
+
+    def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
+        optimizer = _torch_adamw(self.cfg, param_groups)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.module = self.accelerator.unwrap_model(self.model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
+        return self.accelerator.accumulate(self.model)
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> float | None:
+        norm = None
+        if self.clip_grad > 0 or not self.uses_deepspeed:
+            max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None if norm is None else float(norm)
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+                yield
+        else:
+            yield
+
+    def save(self, ckpt_dir: Path) -> None:
+        self.accelerator.save_state(str(ckpt_dir))
+
+    def load(self, ckpt_dir: Path) -> None:
+        self.accelerator.load_state(str(ckpt_dir))
+
+    def close(self, clean: bool = True) -> None:
+        if clean:
+            self.barrier()
+        self.model = self.module = self.optimizer = None
+        import gc
+
+        gc.collect()
+        if clean:
+            self.accelerator.end_training()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
+    """Our keys → a DeepSpeed config; a template (train.deepspeed_config) may fix anything, "auto" fields
+    in it are filled from ours so the two never disagree silently."""
+    t = cfg.train
+    ds: dict[str, Any] = {}
+    if t.deepspeed_config:
+        path = Path(t.deepspeed_config)
+        if not path.is_file():
+            raise UsageError(f"train.deepspeed_config: no such file '{path}' (see configs/deepspeed/)")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"train.deepspeed_config '{path}' is not valid JSON: {e}") from None
+    if t.offload not in ("none", "cpu"):
+        raise UsageError(f"train.offload={t.offload!r} must be none or cpu")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise UsageError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+
+    def fill(d: dict, key: str, value: Any) -> None:
+        if d.get(key, "auto") == "auto":
+            d[key] = value
+
+    fill(ds, "train_micro_batch_size_per_gpu", int(t.batch_size))
+    fill(ds, "gradient_accumulation_steps", max(1, int(t.grad_accum)))
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    fill(ds, "gradient_clipping", float(t.clip_grad))
+    fill(ds, "steps_per_print", 1 << 30)
+    zero = ds.setdefault("zero_optimization", {})
+    fill(zero, "stage", int(t.zero_stage))
+    if t.offload == "cpu" and "offload_optimizer" not in zero:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if zero["stage"] == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    # our optimizer is torch AdamW (no compiled op); DeepSpeed accepts it with offload only when told
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {})
+        fill(section, "enabled", t.precision == name)
+    if ds["fp16"]["enabled"]:
+        fill(ds["fp16"], "loss_scale", 0)
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    """`deepspeed.initialize` under the deepspeed launcher or torchrun: ZeRO 0-3, bf16/fp16, offload."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        import deepspeed
+
+        _skip_shm_op()
+        self.device, self.local_rank = _pick_device()
+        deepspeed.init_distributed(dist_backend=_backend(self.device))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        check_world(self.world_size)
+        self.ds_config = deepspeed_config(cfg, self.world_size)
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the weights themselves are in the training dtype
+
+    def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
+        import deepspeed
+
+        optimizer = _torch_adamw(self.cfg, param_groups)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                config=self.ds_config)
+        self.module = self.model.module
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        self.model.backward(loss)
+        if not is_last:
+            self.model.step()  # advances DeepSpeed's micro-step counter; no update before the boundary
+
+    def step(self) -> float | None:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+                yield
+        else:
+            yield
+
+    def save(self, ckpt_dir: Path) -> None:
+        self.model.save_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        path, _ = self.model.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+                                             load_lr_scheduler_states=False)
+        if path is None:
+            raise UsageError(f"DeepSpeed found no checkpoint in {ckpt_dir}")
+
+
+def make_engine(cfg: DictConfig) -> Engine:
+    name = choose_engine(cfg)
+    cls = {"accelerate": AccelerateEngine, "deepspeed": DeepSpeedEngine, "torchrun-ddp": TorchDDPEngine}[name]
+    return cls(cfg)
