@@ -36,9 +36,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(PY) -m mycodist synth --out $(DEMO_DIR)/shards
-	$(PY) -m mycodist verify $(DEMO_DIR)/shards
-	$(PY) -m mycodist stats $(DEMO_DIR)/shards --report $(DEMO_DIR)/report
+	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash launch/demo.sh
 
 test: install-dev browser
 	$(VENV)/bin/ruff check .
