@@ -74,7 +74,7 @@ class Server:
         return app
 
 
-def fetch_all(server: Server, paths: list[str], **settings) -> list[bytes | FetchError]:
+def fetch_all(server: Server, paths: list[str], refuse_noai: bool = False, **settings) -> list[bytes | FetchError]:
     async def go():
         runner = web.AppRunner(server.app())
         await runner.setup()
@@ -86,7 +86,7 @@ def fetch_all(server: Server, paths: list[str], **settings) -> list[bytes | Fetc
             async with Fetcher(s) as f:
                 async def one(p):
                     try:
-                        return (await f.get(base + p)).body
+                        return (await f.get(base + p, refuse_noai=refuse_noai)).body
                     except FetchError as e:
                         return e
                 return await asyncio.gather(*(one(p) for p in paths))
@@ -160,3 +160,10 @@ def test_per_host_cap_and_rate():
 def test_no_ai_header():
     assert no_ai({"X-Robots-Tag": "noai"}) and no_ai({"X-Robots-Tag": "otherbot: noimageai, noindex"})
     assert not no_ai({"X-Robots-Tag": "noindex"}) and not no_ai({})
+
+
+def test_noai_photo_refused_from_headers_pages_still_read():
+    srv = Server()
+    (refused,) = fetch_all(srv, ["/ok"], refuse_noai=True)
+    assert isinstance(refused, FetchError) and refused.reason == "x_robots_tag" and refused.disallowed
+    assert fetch_all(srv, ["/ok"]) == [b"ok"]

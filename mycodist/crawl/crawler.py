@@ -25,7 +25,7 @@ from mycodist import __version__
 from mycodist.atomic import atomic_write_json
 from mycodist.catalog import Species
 from mycodist.crawl import ledger as L
-from mycodist.crawl.fetch import Fetcher, FetchError, FetchSettings, no_ai
+from mycodist.crawl.fetch import Fetcher, FetchError, FetchSettings
 from mycodist.crawl.images import ImageOptions, ImageResult, hamming, process_image
 from mycodist.crawl.sources import Discovery, open_source
 from mycodist.errors import UsageError
@@ -148,16 +148,13 @@ class Crawl:
                    writer: DatasetWriter, ledger: L.Ledger) -> None:
         url, key, label, split = row["url"], row["key"], row["label"], row["split"]
         try:
-            resp = await fetcher.get(url)
+            resp = await fetcher.get(url, refuse_noai=bool(self.c.respect_robots))
         except FetchError as e:
             state = L.DISALLOWED if e.disallowed else L.FAILED
             self._outcome(ledger, url, state, e.reason)
             return
         self.crash("fetched")
         self.bytes_in += len(resp.body)
-        if self.c.respect_robots and no_ai(resp.headers):
-            self._outcome(ledger, url, L.DISALLOWED, "x_robots_tag")
-            return
         loop = asyncio.get_running_loop()
         res: ImageResult = await loop.run_in_executor(pool, process_image, resp.body, self.opts)
         if res.reason is not None:

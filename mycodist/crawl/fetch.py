@@ -150,16 +150,21 @@ class Fetcher:
         return rp
 
     # -- requests -----------------------------------------------------------------------------
-    async def get(self, url: str, *, max_bytes: int | None = None) -> Response:
-        """GET with every politeness rule; raises FetchError with a reason."""
-        return await self._get(url, check_robots=True, max_bytes=max_bytes or self.s.max_bytes)
+    async def get(self, url: str, *, max_bytes: int | None = None, refuse_noai: bool = False) -> Response:
+        """GET with every politeness rule; raises FetchError with a reason.
 
-    async def _get(self, url: str, *, check_robots: bool, max_bytes: int, accept_status: bool = False) -> Response:
+        `refuse_noai`: an X-Robots-Tag `noai`/`noimageai` answer is refused from its headers, before
+        the body is read (for photos; pages carrying the tag are still read for their facts)."""
+        return await self._get(url, check_robots=True, max_bytes=max_bytes or self.s.max_bytes,
+                               refuse_noai=refuse_noai)
+
+    async def _get(self, url: str, *, check_robots: bool, max_bytes: int, accept_status: bool = False,
+                   refuse_noai: bool = False) -> Response:
         attempt = 0
         while True:
             attempt += 1
             try:
-                resp = await self._follow(url, check_robots, max_bytes, accept_status)
+                resp = await self._follow(url, check_robots, max_bytes, accept_status, refuse_noai)
                 resp.attempts = attempt
                 return resp
             except FetchError as e:
@@ -177,13 +182,14 @@ class Fetcher:
                     delay = min(self.s.backoff_max, self.s.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
                 await asyncio.sleep(delay)
 
-    async def _follow(self, url: str, check_robots: bool, max_bytes: int, accept_status: bool) -> Response:
+    async def _follow(self, url: str, check_robots: bool, max_bytes: int, accept_status: bool,
+                      refuse_noai: bool = False) -> Response:
         for _ in range(self.s.max_redirects + 1):
             if urlsplit(url).scheme not in ("http", "https"):
                 raise FetchError("bad_url", url)
             if check_robots and not await self.allowed(url):
                 raise FetchError("robots_unreachable" if self._host(url).robots_failed else "robots_disallowed", url)
-            status, headers, body = await self._request(url, max_bytes)
+            status, headers, body = await self._request(url, max_bytes, refuse_noai)
             if status in REDIRECTS and "Location" in headers:
                 url = urljoin(url, headers["Location"])
                 self.stats["redirects"] += 1
@@ -194,7 +200,7 @@ class Fetcher:
             raise FetchError(f"http_{status}", url, retry_after)
         raise FetchError("too_many_redirects", url)
 
-    async def _request(self, url: str, max_bytes: int) -> tuple[int, Mapping[str, str], bytes]:
+    async def _request(self, url: str, max_bytes: int, refuse_noai: bool = False) -> tuple[int, Mapping[str, str], bytes]:
         assert self.session is not None, "use Fetcher as an async context manager"
         host = self._host(url)
         async with host.sem, self._global:
@@ -210,6 +216,8 @@ class Fetcher:
                     headers = CIMultiDict(r.headers)
                     if r.status != 200:
                         return r.status, headers, b""
+                    if refuse_noai and no_ai(headers):
+                        raise FetchError("x_robots_tag", url)
                     length = r.content_length
                     if length is not None and length > max_bytes:
                         raise FetchError("too_large", f"{length} bytes > crawl.max_bytes")
