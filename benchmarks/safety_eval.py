@@ -4,14 +4,18 @@ generated photos of things that are not mushrooms.
     .venv/bin/python benchmarks/safety_eval.py --export RUN_DIR/export --shards SHARDS_DIR [serve.key=value ...]
 
 Every photo goes through the serving path itself (decode_image → eval transform → model → calibration →
-OOD score → verdict), batched. Figures:
+OOD score → verdict), batched. The OOD check is the one serving uses: the export's feature-distance score
+(ood.safetensors) when present, else its logit score. Figures:
 - toxic_as_edible: validation photos of poisonous/deadly species that got `edible_species` (goal 0);
 - coverage: share of validation photos that get a species answer (any verdict but not_identified),
   and top-1 accuracy on those;
 - ood_abstention: share of generated non-mushroom images (plain textures, drawn objects) answered
   `not_identified` (goal ≥ 90%); also with the OOD check off, to show what the score adds.
-Baseline in the same run: the same model with the OOD check off. `--feature-ood N` adds an experiment:
-a Mahalanobis feature-distance OOD score fitted on N training photos (serving does not have it).
+Baselines in the same run: the same model with the OOD check off, and with only the logit score (what
+serving did before the feature score). `--feature-ood N` adds the comparison the feature score was chosen
+by: features (pre-logits alone vs pre-logits + mean patch token) x score (Mahalanobis vs relative
+Mahalanobis), fitted on N training photos, each at the threshold that keeps 95% of validation photos.
+`--ood-seed` draws a different set of generated non-mushrooms (choose on one seed, report on another).
 Last line: JSON.
 """
 
@@ -21,7 +25,9 @@ import argparse
 import glob
 import io
 import json
+import statistics
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -32,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mycodist.catalog import EDIBLE, TOXIC
 from mycodist.config import load_config
+from mycodist.models import ood
 from mycodist.serve.inference import Predictor, load_export
 from mycodist.serve.preprocess import decode_image
 from mycodist.serve.verdict import EDIBLE_SPECIES, NOT_IDENTIFIED, SafetyRules
@@ -117,67 +124,87 @@ def jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def logits_of(predictor: Predictor, images: list[bytes], batch: int = 32) -> torch.Tensor:
+def batches(predictor: Predictor, images: list[bytes], batch: int = 32):
     tf = predictor.export.transform
-    out = []
     for i in range(0, len(images), batch):
-        x = torch.stack([tf(decode_image(b, 10**9, tf)) for b in images[i:i + batch]])
-        out.append(predictor.logits(x))
-    return torch.cat(out)
+        yield torch.stack([tf(decode_image(b, 10**9, tf)) for b in images[i:i + batch]])
 
 
-def features_of(predictor: Predictor, images: list[bytes], batch: int = 32) -> torch.Tensor:
-    """The head's input (timm's pre-logits features), captured with a forward hook."""
-    grabbed: list[torch.Tensor] = []
-    hook = predictor.export.model.head.register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].float().cpu()))
-    try:
-        logits_of(predictor, images, batch)
-    finally:
-        hook.remove()
-    return torch.cat(grabbed)
+def forward_all(predictor: Predictor, images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and (when the predictor uses it) the feature OOD score of every image, as serving computes them."""
+    outs = [predictor.forward(x) for x in batches(predictor, images)]
+    scores = None if outs[0][1] is None else torch.cat([sc for _, sc in outs])
+    return torch.cat([lg for lg, _ in outs]), scores
 
 
-def mahalanobis_fit(feats: torch.Tensor, labels: list[int], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means and one shared, shrunk precision matrix (Lee et al. 2018, without input noise)."""
-    y = torch.tensor(labels)
-    means = torch.stack([feats[y == c].mean(0) if (y == c).any() else feats.mean(0) for c in range(classes)])
-    centred = feats - means[y]
-    cov = centred.T @ centred / max(1, len(feats) - 1)
-    cov = 0.9 * cov + 0.1 * torch.eye(cov.shape[0]) * cov.diagonal().mean()
-    return means, torch.linalg.inv(cov.double()).float()
+@torch.inference_mode()
+def features_of(predictor: Predictor, images: list[bytes]) -> torch.Tensor:
+    """The feature-OOD features (pre-logits + mean patch token) of every image."""
+    return torch.cat([ood.features_and_logits(predictor.export.model, x)[0] for x in batches(predictor, images)])
 
 
-def mahalanobis_score(feats: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Negative distance to the nearest class mean: high = familiar, like the other scores."""
-    d = feats[:, None, :] - means[None]
-    return -torch.einsum("nci,ij,ncj->nc", d, precision, d).min(dim=1).values
+def forward_cost(with_score: Predictor, without: Predictor, images: list[bytes], batch: int, rounds: int = 5) -> dict:
+    """Per-photo time of Predictor.forward with the feature score vs the plain model (same pre-decoded
+    batches, one warm-up round, then alternating order, median of rounds so background load hits both
+    alike), and the time of the score alone on those batches' features, which other load distorts less."""
+    xs = list(batches(with_score, images, batch))
+    times: dict[str, list[float]] = {"feature_ood": [], "plain": [], "score_only": []}
+    with torch.inference_mode():
+        feats = [ood.features_and_logits(with_score.export.model, x)[0] for x in xs]
+    for r in range(rounds + 1):
+        order = (("feature_ood", with_score), ("plain", without))
+        for name, pred in order if r % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            for x in xs:
+                pred.forward(x)
+            times[name].append((time.perf_counter() - t0) * 1000 / len(images))
+        t0 = time.perf_counter()
+        for f in feats:
+            with_score.feature_ood.scores(f)
+        times["score_only"].append((time.perf_counter() - t0) * 1000 / len(images))
+    f, b, sc = (statistics.median(times[k][1:]) for k in ("feature_ood", "plain", "score_only"))
+    return {"batch": batch, "photos": len(images), "ms_per_photo_feature_ood": round(f, 3),
+            "ms_per_photo_plain": round(b, 3), "ms_per_photo_score_only": round(sc, 4),
+            "score_share_of_plain_forward": round(sc / b, 4)}
 
 
-def verdicts(predictor: Predictor, logits: torch.Tensor) -> list[dict]:
-    return [predictor.answer(row) for row in logits]
+def verdicts(predictor: Predictor, logits: torch.Tensor, scores: torch.Tensor | None = None) -> list[dict]:
+    return predictor.answers(logits, scores)
+
+
+def auroc(in_dist: torch.Tensor, out: torch.Tensor) -> float:
+    """P(an OOD image scores higher than an in-distribution one); ties count half."""
+    diff = out.double()[:, None] - in_dist.double()[None, :]
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
 
 
 def feature_ood(pred: Predictor, shards: Path, n_train: int, val: list[tuple[bytes, str]], ood_imgs: list[bytes],
-                n_tex: int, quantile: float, rules: SafetyRules) -> dict:
-    """What a Mahalanobis feature-distance OOD check would do (not part of serving yet): fitted on train
-    photos, threshold = the `quantile` of the score on validation photos, combined with the configured rules."""
+                n_tex: int, keep: float, val_codes: list[str], ood_codes: list[str]) -> dict:
+    """The candidates the serving score was chosen from, each fitted on `n_train` train photos, threshold =
+    the `keep` quantile of its score on validation photos, combined with the rules' verdicts without OOD."""
     index = {lab: i for i, lab in enumerate(pred.export.labels)}
     train = val_samples(shards, "train", n_train)
-    means, precision = mahalanobis_fit(features_of(pred, [b for b, _ in train]), [index[lab] for _, lab in train],
-                                       len(index))
-    val_score = mahalanobis_score(features_of(pred, [b for b, _ in val]), means, precision)
-    ood_score = mahalanobis_score(features_of(pred, ood_imgs), means, precision)
-    threshold = float(torch.quantile(val_score, quantile))
-    val_codes = [a["verdict"]["code"] for a in verdicts(pred, logits_of(pred, [b for b, _ in val]))]
-    ood_codes = [a["verdict"]["code"] for a in verdicts(pred, logits_of(pred, ood_imgs))]
-    val_final = [NOT_IDENTIFIED if sc < threshold else c for sc, c in zip(val_score.tolist(), val_codes, strict=True)]
-    ood_final = [NOT_IDENTIFIED if sc < threshold else c for sc, c in zip(ood_score.tolist(), ood_codes, strict=True)]
-    return {"train_photos": len(train), "threshold": threshold,
-            "coverage": round(sum(c != NOT_IDENTIFIED for c in val_final) / max(1, len(val_final)), 4),
-            "ood_abstention": round(ood_final.count(NOT_IDENTIFIED) / max(1, len(ood_final)), 4),
-            "ood_abstention_textures": round(ood_final[:n_tex].count(NOT_IDENTIFIED) / max(1, n_tex), 4),
-            "ood_abstention_objects": round(ood_final[n_tex:].count(NOT_IDENTIFIED) / max(1, len(ood_final) - n_tex), 4),
-            "ood_flagged_by_score_alone": round(float((ood_score < threshold).float().mean()), 4)}
+    head_dim = int(pred.export.model.head.in_features)
+    f_train, f_val, f_ood = (features_of(pred, imgs) for imgs in
+                             ([b for b, _ in train], [b for b, _ in val], ood_imgs))
+    y = torch.tensor([index[lab] for _, lab in train])
+    out: dict = {"train_photos": len(train), "keep_val": keep}
+    for space, cols in (("pre_logits", slice(0, head_dim)), (ood.FEATURES, slice(None))):
+        stats = ood.fit_feature_gaussians(f_train[:, cols], y, len(index), 0.1)
+        for score in ood.SCORES:
+            sv, so = stats.score(f_val[:, cols], score), stats.score(f_ood[:, cols], score)
+            t = ood.threshold_keeping(sv, keep)
+            val_final = [NOT_IDENTIFIED if v > t else c for v, c in zip(sv.tolist(), val_codes, strict=True)]
+            ood_final = [NOT_IDENTIFIED if v > t else c for v, c in zip(so.tolist(), ood_codes, strict=True)]
+            out[f"{space}/{score}"] = {
+                "auroc": round(auroc(sv, so), 4),
+                "flagged_by_score_alone": round(float((so > t).double().mean()), 4),
+                "ood_abstention": round(ood_final.count(NOT_IDENTIFIED) / max(1, len(ood_final)), 4),
+                "ood_abstention_textures": round(ood_final[:n_tex].count(NOT_IDENTIFIED) / max(1, n_tex), 4),
+                "ood_abstention_objects": round(ood_final[n_tex:].count(NOT_IDENTIFIED)
+                                                / max(1, len(ood_final) - n_tex), 4),
+                "coverage": round(sum(c != NOT_IDENTIFIED for c in val_final) / max(1, len(val_final)), 4)}
+    return out
 
 
 def main() -> None:
@@ -185,37 +212,41 @@ def main() -> None:
     p.add_argument("--export", required=True, type=Path)
     p.add_argument("--shards", required=True, type=Path, help="data set folder with val-*.tar shards")
     p.add_argument("--ood-images", type=int, default=400, help="generated non-mushroom images (half textures)")
+    p.add_argument("--ood-seed", type=int, default=0, help="seed of the generated non-mushroom images")
     p.add_argument("--feature-ood", type=int, default=0, metavar="N",
-                   help="also try a feature-distance OOD score (Mahalanobis, fitted on N train photos); 0 = off")
+                   help="also compare feature-distance OOD variants fitted on N train photos; 0 = off")
     p.add_argument("overrides", nargs="*", help="serve.key=value (e.g. serve.min_confidence=0.6)")
     args = p.parse_args()
     cfg = load_config(None, args.overrides)
     s = cfg.serve
     export = load_export(args.export, ood_score=str(s.ood_score), ood_quantile=float(s.ood_quantile))
     rules = SafetyRules.from_config(s)
-    configured = Predictor(export, rules, top_k=int(s.top_k), use_ood=bool(s.ood))
+    configured = Predictor(export, rules, top_k=int(s.top_k), use_ood=bool(s.ood),
+                           use_feature_ood=bool(s.ood_features))
+    logit_ood = Predictor(export, rules, top_k=int(s.top_k), use_ood=bool(s.ood), use_feature_ood=False)
     without_ood = Predictor(export, rules, top_k=int(s.top_k), use_ood=False)
 
     samples = val_samples(args.shards)
     truth = [lab for _, lab in samples]
-    val_logits = logits_of(configured, [b for b, _ in samples])
-    rng = np.random.default_rng(0)
+    val_logits, val_scores = forward_all(configured, [b for b, _ in samples])
+    rng = np.random.default_rng(args.ood_seed)
     n_tex = args.ood_images // 2
     ood_imgs = [jpeg(texture(rng)) for _ in range(n_tex)] + [jpeg(drawn_object(rng)) for _ in range(args.ood_images - n_tex)]
-    ood_logits = logits_of(configured, ood_imgs)
+    ood_logits, ood_scores = forward_all(configured, ood_imgs)
 
     def edib(label: str) -> str:
         sp = export.species.get(label)
         return sp.edibility if sp else "unknown"
 
     def summarise(pred: Predictor) -> dict:
-        val = verdicts(pred, val_logits)
+        uses_scores = pred.feature_ood is not None
+        val = verdicts(pred, val_logits, val_scores if uses_scores else None)
         codes = [a["verdict"]["code"] for a in val]
         top1 = [a["top_k"][0]["label"] for a in val]
         covered = [i for i, c in enumerate(codes) if c != NOT_IDENTIFIED]
         toxic = [i for i, lab in enumerate(truth) if edib(lab) in TOXIC]
         edible = [i for i, lab in enumerate(truth) if edib(lab) in EDIBLE]
-        ood = [a["verdict"]["code"] for a in verdicts(pred, ood_logits)]
+        ood = [a["verdict"]["code"] for a in verdicts(pred, ood_logits, ood_scores if uses_scores else None)]
         tex, obj = ood[:n_tex], ood[n_tex:]
         return {
             "val_photos": len(codes),
@@ -237,17 +268,34 @@ def main() -> None:
         }
 
     result = {"benchmark": "safety_eval", "export": str(args.export), "model": export.info["id"],
-              "temperature": export.temperature, "ood_rule": export.info["ood"],
+              "temperature": export.temperature, "ood_seed": args.ood_seed,
+              "ood_rule": (export.info["feature_ood"] if configured.feature_ood is not None
+                           else export.info["ood"] if configured.ood is not None else None),
               "rules": {k: getattr(rules, k) for k in ("min_confidence", "poison_mass", "lookalike_mass",
                                                        "unknown_is_toxic")},
-              "configured": summarise(configured), "baseline_without_ood": summarise(without_ood)}
+              "configured": summarise(configured), "baseline_without_ood": summarise(without_ood),
+              "baseline_logit_ood_only": summarise(logit_ood)}
+    if configured.feature_ood is not None and logit_ood.ood is not None:
+        # both checks at once: the logit rule's verdicts, turned into not_identified where the feature score fires
+        t = configured.feature_ood.threshold
+        lv = [a["verdict"]["code"] for a in verdicts(logit_ood, val_logits)]
+        lo = [a["verdict"]["code"] for a in verdicts(logit_ood, ood_logits)]
+        both_v = [NOT_IDENTIFIED if sc > t else c for sc, c in zip(val_scores.tolist(), lv, strict=True)]
+        both_o = [NOT_IDENTIFIED if sc > t else c for sc, c in zip(ood_scores.tolist(), lo, strict=True)]
+        result["feature_and_logit_ood"] = {
+            "coverage": round(sum(c != NOT_IDENTIFIED for c in both_v) / max(1, len(both_v)), 4),
+            "ood_abstention": round(both_o.count(NOT_IDENTIFIED) / max(1, len(both_o)), 4)}
+    if configured.feature_ood is not None:
+        result["forward_cost"] = forward_cost(configured, without_ood, [b for b, _ in samples[:96]], int(s.max_batch))
     if args.feature_ood:
-        result["feature_ood"] = feature_ood(configured, args.shards, args.feature_ood, samples, ood_imgs, n_tex,
-                                            float(s.ood_quantile), rules)
+        plain = [[a["verdict"]["code"] for a in verdicts(without_ood, lg)] for lg in (val_logits, ood_logits)]
+        result["feature_ood_candidates"] = feature_ood(configured, args.shards, args.feature_ood, samples, ood_imgs,
+                                                       n_tex, 1.0 - float(s.ood_quantile), *plain)
     w, b = result["configured"], result["baseline_without_ood"]
     result["ratio"] = round(w["ood_abstention"] / b["ood_abstention"], 3) if b["ood_abstention"] else None
     print(f"toxic→edible {w['toxic_as_edible']}/{w['toxic_photos']}, coverage {w['coverage']:.1%}, "
-          f"OOD abstention {w['ood_abstention']:.1%} (without the OOD check {b['ood_abstention']:.1%})", file=sys.stderr)
+          f"OOD abstention {w['ood_abstention']:.1%} (without the OOD check {b['ood_abstention']:.1%}, "
+          f"logit score only {result['baseline_logit_ood_only']['ood_abstention']:.1%})", file=sys.stderr)
     print(json.dumps(result))
 
 

@@ -291,7 +291,8 @@ def build_service_app(export_dir: str | Path, cfg: DictConfig, builder: Any = No
             raise UsageError(f"serve.{key} must lie in [0, 1], got {getattr(rules, key)}")
     export = load_export(export_dir, device=device, builder=builder, ood_score=str(serve.ood_score),
                          ood_quantile=float(serve.ood_quantile))
-    predictor = Predictor(export, rules, top_k=int(serve.top_k), use_ood=bool(serve.ood), device=device)
+    predictor = Predictor(export, rules, top_k=int(serve.top_k), use_ood=bool(serve.ood), device=device,
+                          use_feature_ood=bool(serve.ood_features))
     return create_app(predictor, ServeSettings.from_config(serve))
 
 

@@ -6,9 +6,13 @@ Export folder (written by `mycodist export`, docs/serving.md):
   class_indices.json  {"0": label, ...}
   species.json        the catalogue (edibility, lookalikes, ...)
   calibration.json    {"temperature": T, "ood_scores_on_val": {score: {"q01": .., "q05": .., ...}}}
-                      and/or an explicit {"ood": {"score": name, "threshold": t}} (which wins)
+                      and/or an explicit {"ood": {"score": name, "threshold": t}} (which wins);
+                      "feature_ood": {"score": "mahalanobis", "threshold": t, "val_quantiles": {...}, ...}
+  ood.safetensors     feature statistics for the feature-distance OOD score (mycodist.models.ood)
 
-OOD scores are computed on the calibrated logits (logits / T), as the export computes its quantiles.
+The OOD check is the feature-distance score when the export has ood.safetensors (score above the
+threshold → out of distribution); an older export without it falls back, with a warning, to the logit
+score, computed on the calibrated logits (logits / T) as the export computes its quantiles.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from safetensors.torch import load_file
 from mycodist import __version__
 from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_class_indices, load_species
 from mycodist.errors import UsageError
+from mycodist.models import ood as feature_ood
 from mycodist.serve.preprocess import EvalTransform
 from mycodist.serve.verdict import WARNING, SafetyRules, decide
 
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CALIBRATION = "calibration.json"
+OOD_FILE = "ood.safetensors"
 OOD_SCORES = ("max_logit", "max_prob", "neg_energy")
 OOD_ALIASES = {"energy": "neg_energy"}
 ModelBuilder = Callable[[Any, int], torch.nn.Module]
@@ -62,6 +68,24 @@ class OodRule:
         return torch.logsumexp(scaled_logits, dim=-1)
 
 
+@dataclass(frozen=True)
+class FeatureOodRule:
+    """A distance of the photo's features from the training photos' (higher = less familiar); above
+    `threshold` → OOD. The threshold is a high quantile of the score on validation photos (q95: 5% of
+    real photos of known species are turned away), chosen by the export."""
+
+    stats: feature_ood.FeatureGaussians
+    score: str
+    threshold: float
+    source: str = ""
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.stats.score(feats, self.score)
+
+    def describe(self) -> dict[str, Any]:
+        return {"score": self.score, "threshold": self.threshold, "source": self.source, "ood_when": "above"}
+
+
 @dataclass
 class Export:
     model: torch.nn.Module
@@ -71,6 +95,7 @@ class Export:
     ood: OodRule | None
     transform: EvalTransform
     info: dict[str, Any] = field(default_factory=dict)
+    feature_ood: FeatureOodRule | None = None
 
 
 def default_builder(model_cfg: Any, num_classes: int) -> torch.nn.Module:
@@ -117,6 +142,52 @@ def read_calibration(path: Path, score: str = "neg_energy", quantile: float = 0.
     return float(t), OodRule(name, float(value), f"calibration.json ood_scores_on_val.{name}.{key}")
 
 
+def read_feature_ood(export_dir: Path, num_classes: int, quantile: float = 0.05) -> FeatureOodRule | None:
+    """The feature-distance rule from ood.safetensors + calibration.json's `feature_ood`, or None.
+
+    An export written before this check existed has neither: that is logged and the caller falls back to
+    the logit score. A file that exists but does not fit (wrong classes, corrupt) is an error: serving
+    with a silently missing safety check is worse than not starting. The threshold is the validation
+    quantile that turns away `quantile` of real photos (`val_quantiles.q95` for 0.05) when the export
+    recorded it, else the export's own threshold.
+    """
+    path, cal = export_dir / OOD_FILE, export_dir / CALIBRATION
+    entry = None
+    if cal.is_file():
+        try:
+            raw = json.loads(cal.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read calibration '{cal}': {e}") from None
+        entry = raw.get("feature_ood") if isinstance(raw, dict) else None
+    if not path.is_file() or not isinstance(entry, dict):
+        log.warning("'%s' has no %s with a calibration.json feature_ood entry (exported before the feature "
+                    "OOD check, or without validation data): falling back to the logit-based OOD check, which "
+                    "misses most non-mushroom photos; re-export with `mycodist export RUN_DIR`", export_dir, OOD_FILE)
+        return None
+    try:
+        stats, _ = feature_ood.load_feature_gaussians(path)
+    except (ValueError, OSError) as e:  # safetensors raises its own error types for a corrupt file
+        raise UsageError(f"'{path}' cannot be used: {e}") from None
+    except Exception as e:
+        raise UsageError(f"'{path}' is not a readable safetensors file: {e}") from None
+    if stats.num_classes != num_classes:
+        raise UsageError(f"'{path}' has statistics for {stats.num_classes} classes, the model has {num_classes}; "
+                         "re-export with `mycodist export RUN_DIR`")
+    score = str(entry.get("score", "mahalanobis"))
+    if score not in feature_ood.SCORES:
+        raise UsageError(f"'{cal}': feature_ood.score {score!r} is not one of {feature_ood.SCORES}")
+    key = f"q{100 - round(quantile * 100):02d}"
+    table = entry.get("val_quantiles") if isinstance(entry.get("val_quantiles"), dict) else {}
+    for value, source in ((table.get(key), f"calibration.json feature_ood.val_quantiles.{key}"),
+                          (entry.get("threshold"), "calibration.json feature_ood.threshold")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if source.endswith("threshold") and table:
+                log.warning("%s has no validation quantile %s for serve.ood_quantile=%s: using the export's "
+                            "threshold", cal, key, quantile)
+            return FeatureOodRule(stats, score, float(value), source)
+    raise UsageError(f"'{cal}': feature_ood has no finite threshold; re-export with `mycodist export RUN_DIR`")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -160,44 +231,75 @@ def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuild
         raise UsageError(f"'{d / MODEL_FILE}' does not fit model '{cfg.model.get('name')}' with "
                          f"{len(labels)} classes ({detail or e}); was it exported from this run's config?") from None
     model.eval().to(device)
+    feature_rule = read_feature_ood(d, len(labels), ood_quantile)  # statistics stay on the CPU, in float64
     sha = _sha256(d / MODEL_FILE)
     info = {"id": f"{cfg.model.get('name', 'model')}-{sha[:12]}", "name": str(cfg.model.get("name", "")),
             "sha256": sha, "classes": len(labels), "img_size": transform.size, "version": __version__,
-            "temperature": temperature, "ood": None if ood is None else {"score": ood.score, "threshold": ood.threshold, "source": ood.source}}
-    return Export(model, labels, species, temperature, ood, transform, info)
+            "temperature": temperature,
+            "ood": None if ood is None else {"score": ood.score, "threshold": ood.threshold, "source": ood.source,
+                                             "ood_when": "below"},
+            "feature_ood": None if feature_rule is None else feature_rule.describe()}
+    return Export(model, labels, species, temperature, ood, transform, info, feature_rule)
 
 
 class Predictor:
-    """Runs the model on batches and turns each row of logits into top-k, verdict and warning."""
+    """Runs the model on batches and turns each row of logits into top-k, verdict and warning.
+
+    OOD check: the export's feature-distance rule when it has one (and `use_feature_ood`), else its
+    logit-score rule; none with `use_ood=False`. Only one of the two is applied: on the measured demo
+    model the logit score turned away no photo, real or generated, that the feature score or
+    `min_confidence` did not already turn away (docs/safety.md), so it would only add a second threshold.
+    """
 
     def __init__(self, export: Export, rules: SafetyRules, top_k: int = 5, use_ood: bool = True,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", use_feature_ood: bool = True) -> None:
         self.export = export
         self.rules = rules
         self.top_k = max(1, min(int(top_k), len(export.labels)))
-        self.ood = export.ood if use_ood else None
+        self.feature_ood = export.feature_ood if use_ood and use_feature_ood else None
+        self.ood = export.ood if use_ood and self.feature_ood is None else None
         self.device = device
 
     @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.export.model(batch.to(self.device))
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch → (logits, feature OOD scores or None when no feature rule is in use), on the CPU."""
+        x = batch.to(self.device)
+        if self.feature_ood is not None:
+            feats, logits = feature_ood.features_and_logits(self.export.model, x)
+            return logits.float().cpu(), self.feature_ood.scores(feats.cpu())
+        out = self.export.model(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
-        return out.float().cpu()
+        return out.float().cpu(), None
 
-    def answer(self, logits: torch.Tensor) -> dict[str, Any]:
-        """One row of raw logits → the JSON answer (without image-specific fields)."""
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.forward(batch)[0]
+
+    def _ood(self, scaled: torch.Tensor, feature_score: float | None) -> dict[str, Any] | None:
+        if self.feature_ood is not None:
+            if feature_score is None:
+                raise ValueError("the feature OOD check needs the photo's feature score (Predictor.forward)")
+            rule = self.feature_ood
+            score = float(feature_score)
+            flagged = not (score <= rule.threshold)  # NaN counts as out of distribution
+        elif self.ood is not None:
+            rule = self.ood
+            score = float(rule.scores(scaled.unsqueeze(0))[0])
+            flagged = not (score >= rule.threshold)  # NaN counts as out of distribution
+        else:
+            return None
+        return {"score_name": rule.score, "score": score, "threshold": rule.threshold,
+                "ood_when": "above" if rule is self.feature_ood else "below", "out_of_distribution": flagged}
+
+    def answer(self, logits: torch.Tensor, feature_score: float | None = None) -> dict[str, Any]:
+        """One row of raw logits (+ that photo's feature OOD score, when that rule is in use) → the JSON
+        answer (without image-specific fields)."""
         ex = self.export
         scaled = logits / ex.temperature
         probs_t = torch.softmax(scaled, dim=-1)
         probs = probs_t.tolist()
-        ood_json = None
-        out_of_distribution = False
-        if self.ood is not None:
-            score = float(self.ood.scores(scaled.unsqueeze(0))[0])
-            out_of_distribution = not (score >= self.ood.threshold)  # NaN counts as out of distribution
-            ood_json = {"score_name": self.ood.score, "score": score, "threshold": self.ood.threshold,
-                        "out_of_distribution": out_of_distribution}
+        ood_json = self._ood(scaled, feature_score)
+        out_of_distribution = bool(ood_json and ood_json["out_of_distribution"])
         verdict = decide(probs, ex.labels, ex.species, self.rules, out_of_distribution=out_of_distribution)
         top = torch.topk(probs_t, self.top_k)
         top_k = []
@@ -210,7 +312,10 @@ class Predictor:
         return {"top_k": top_k, "verdict": verdict.to_json(), "warning": WARNING,
                 "ood": ood_json, "model": {k: ex.info[k] for k in ("id", "name", "version", "sha256")}}
 
+    def answers(self, logits: torch.Tensor, feature_scores: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        scores = [None] * len(logits) if feature_scores is None else feature_scores.tolist()
+        return [self.answer(row, sc) for row, sc in zip(logits, scores, strict=True)]
+
     def predict(self, tensors: list[torch.Tensor]) -> list[dict[str, Any]]:
         """A list of preprocessed images → one answer each, in one forward pass."""
-        logits = self.logits(torch.stack(tensors))
-        return [self.answer(row) for row in logits]
+        return self.answers(*self.forward(torch.stack(tensors)))

@@ -78,7 +78,7 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
     export = load_export(args.model, device=str(serve.device), ood_score=str(serve.ood_score),
                          ood_quantile=float(serve.ood_quantile))
     predictor = Predictor(export, SafetyRules.from_config(serve), top_k=top_k, use_ood=bool(serve.ood),
-                          device=str(serve.device))
+                          device=str(serve.device), use_feature_ood=bool(serve.ood_features))
     failed = 0
     for answer in predict_files(predictor, files, int(serve.max_pixels), int(serve.max_upload_bytes),
                                 int(serve.max_batch)):

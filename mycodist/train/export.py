@@ -2,13 +2,17 @@
 
 RUN_DIR/export/ = model.safetensors (one consolidated fp32 state dict with the model's own names, also
 from ZeRO shards), config.yaml (the run's resolved config), class_indices.json, species.json and
-calibration.json (temperature fitted on validation, ECE before/after, OOD-score quantiles). Runs in one
+calibration.json (temperature fitted on validation, ECE before/after, OOD-score quantiles) and
+ood.safetensors (class means and a shared precision matrix of the model's features on the TRAIN split,
+mycodist.models.ood; its threshold, chosen on validation, is calibration.json's `feature_ood`). Runs in one
 process from the newest complete checkpoint, so it works the same after any engine and any world size.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,11 +24,19 @@ from mycodist.atomic import atomic_write_json
 from mycodist.catalog import CLASS_INDICES, SPECIES
 from mycodist.config import CONFIG_FILENAME, load_config, save_config
 from mycodist.errors import UsageError
+from mycodist.models import ood
 from mycodist.train import checkpoint as ck
+
+log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
 MODEL_FILE = "model.safetensors"
 CALIBRATION = "calibration.json"
+OOD_FILE = "ood.safetensors"
+OOD_SCORE = "mahalanobis"  # chosen by measurement over relative_mahalanobis (docs/safety.md)
+OOD_SHRINKAGE = 0.1
+OOD_KEEP_VAL = 0.95  # threshold = the score that keeps 95% of validation photos answered
+OOD_MAX_TRAIN = 50_000  # photos the statistics are fitted on; more adds export time, not precision
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -70,22 +82,63 @@ def export_weights(ckpt: Path, cfg: DictConfig) -> tuple[dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def validation_logits(model: torch.nn.Module, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from mycodist.data import DataSpec, make_eval_loader
+def split_outputs(model: torch.nn.Module, cfg: DictConfig, split: str = "val",
+                  limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(OOD features, logits, labels) of one split through the EVAL transform, in manifest order.
+
+    The train split goes through the validation stream with its shards swapped in: the OOD statistics
+    must describe photos as serving sees them (centre crop, no augmentation).
+    """
+    from mycodist.data import DataSpec, make_eval_loader, normalize
 
     spec = DataSpec.from_config(cfg)
-    logits, labels, keys = [], [], []
-    for images, y, k in make_eval_loader(cfg, 0, 1, spec=spec):
+    if split == "train":
+        spec = dataclasses.replace(spec, val_shards=list(spec.train_shards))
+    feats, logits, labels, seen = [], [], [], 0
+    for images, y, _ in make_eval_loader(cfg, 0, 1, spec=spec):
         if images.dtype == torch.uint8:
-            from mycodist.data import normalize
-
             images = normalize(images, tuple(cfg.data.mean), tuple(cfg.data.std))
-        logits.append(model(images.float()).float())
+        f, z = ood.features_and_logits(model, images.float())
+        feats.append(f)
+        logits.append(z)
         labels.append(y.long())
-        keys.extend(k)
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
     if not logits:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), []
-    return torch.cat(logits), torch.cat(labels), keys
+        return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(logits), torch.cat(labels)
+
+
+def validation_logits(model: torch.nn.Module, cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the validation split (what the temperature is fitted on)."""
+    _, logits, y = split_outputs(model, cfg, "val")
+    return logits, y
+
+
+def fit_feature_ood(model: torch.nn.Module, cfg: DictConfig, val_feats: torch.Tensor,
+                    num_classes: int) -> tuple[ood.FeatureGaussians, dict[str, Any]] | None:
+    """Fit the feature statistics on train photos and choose the threshold on validation photos.
+
+    None (with a warning) when a split is missing: serving then falls back to the logit-based check.
+    """
+    if len(val_feats) == 0:
+        log.warning("no validation photos: the export gets no feature OOD statistics (serving falls back)")
+        return None
+    train_feats, _, train_y = split_outputs(model, cfg, "train", limit=OOD_MAX_TRAIN)
+    if len(train_feats) < 2:
+        log.warning("fewer than 2 train photos: the export gets no feature OOD statistics (serving falls back)")
+        return None
+    stats = ood.fit_feature_gaussians(train_feats, train_y, num_classes, OOD_SHRINKAGE)
+    val_scores = stats.score(val_feats, OOD_SCORE)
+    threshold = ood.threshold_keeping(val_scores, OOD_KEEP_VAL)
+    meta = {"file": OOD_FILE, "score": OOD_SCORE, "features": ood.FEATURES, "threshold": threshold,
+            "keep_val": OOD_KEEP_VAL, "rule": f"score > threshold → out of distribution; threshold = the "
+            f"q{round(OOD_KEEP_VAL * 100)} of the score on validation photos",
+            "shrinkage": OOD_SHRINKAGE, "train_photos": len(train_feats), "val_photos": len(val_feats),
+            "val_quantiles": ood.quantiles(val_scores),
+            "train_quantiles": ood.quantiles(stats.score(train_feats, OOD_SCORE))}
+    return stats, meta
 
 
 def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None = None) -> Path:
@@ -111,9 +164,10 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
     model = build_model(cfg.model, len(labels))
     model.load_state_dict(weights, strict=True)
     model.eval()
-    logits, y, _ = validation_logits(model, cfg)
+    val_feats, logits, y = split_outputs(model, cfg, "val")
     calibration: dict[str, Any] = calibration_summary(logits, y) if len(y) else {"temperature": 1.0}
     calibration.update({"weights": which, "checkpoint": str(ckpt), "step": ck.read_meta(ckpt)["step"]})
+    feature_ood = fit_feature_ood(model, cfg, val_feats, len(labels))
 
     out = run_dir / EXPORT_DIR
     tmp = run_dir / f".tmp-{EXPORT_DIR}"
@@ -125,6 +179,10 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
     for name in (CLASS_INDICES, SPECIES):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, tmp / name)
+    if feature_ood is not None:
+        stats, meta = feature_ood
+        ood.save_feature_gaussians(tmp / OOD_FILE, stats, {"score": meta["score"], "threshold": meta["threshold"]})
+        calibration["feature_ood"] = meta
     atomic_write_json(tmp / CALIBRATION, calibration)
     if out.exists():
         shutil.rmtree(out)

@@ -1,0 +1,62 @@
+"""`mycodist export` writes the feature OOD statistics: fitted on train photos, thresholded on validation
+photos, loadable by serving. One process, a hand-made checkpoint of a tiny ViT, real shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from train_util import make_shards
+
+from mycodist.catalog import CLASS_INDICES, SPECIES, load_class_indices
+from mycodist.config import load_config, save_config
+from mycodist.models import build_model
+from mycodist.models.ood import load_feature_gaussians
+from mycodist.serve.inference import load_export
+from mycodist.train import checkpoint as ck
+from mycodist.train.export import OOD_FILE, export_run, split_outputs
+
+
+def test_export_writes_ood_statistics_that_serving_loads(tmp_path):
+    shards = make_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"data.shards={shards}", f"train.output_dir={run}", "model.img_size=32",
+                             "data.workers=0", "train.batch_size=8"])
+    run.mkdir()
+    save_config(cfg, run)
+    for name in (CLASS_INDICES, SPECIES):
+        shutil.copyfile(shards / name, run / name)
+    labels = load_class_indices(run / CLASS_INDICES)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(labels)).eval()
+    tmp = ck.begin_save(run, 3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    ck.finish_save(tmp, {"step": 3, "engine": "accelerate", "uses_deepspeed": False}, keep_last=0)
+
+    out = export_run(run)
+
+    cal = json.loads((out / "calibration.json").read_text())
+    entry = cal["feature_ood"]
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert entry["file"] == OOD_FILE and entry["score"] == "mahalanobis"
+    assert entry["train_photos"] == manifest["totals"]["train"]["samples"]
+    assert entry["val_photos"] == manifest["totals"]["val"]["samples"]
+    stats, meta = load_feature_gaussians(out / OOD_FILE)
+    assert stats.num_classes == len(labels) and stats.dim == 2 * model.num_features
+    assert float(meta["threshold"]) == pytest.approx(entry["threshold"])
+
+    # the threshold is the q95 of the score on the validation photos, as serving will compute it
+    val_feats, _, _ = split_outputs(model, cfg, "val")
+    val_scores = stats.score(val_feats, "mahalanobis")
+    assert entry["threshold"] == pytest.approx(float(torch.quantile(val_scores, 0.95)), rel=1e-5)
+    assert entry["val_quantiles"]["q95"] == pytest.approx(entry["threshold"])
+    # and the class means are those of the train photos through the eval transform
+    train_feats, _, train_y = split_outputs(model, cfg, "train")
+    assert torch.allclose(stats.means[0], train_feats[train_y == 0].mean(0), atol=1e-4)
+
+    ex = load_export(out)
+    assert ex.feature_ood is not None and ex.feature_ood.threshold == pytest.approx(entry["threshold"])
+    assert ex.info["feature_ood"]["score"] == "mahalanobis"
