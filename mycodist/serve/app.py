@@ -26,7 +26,7 @@ from mycodist.serve.batcher import MicroBatcher, Overloaded, stats
 from mycodist.serve.inference import Predictor, load_export
 from mycodist.serve.openapi import openapi_document
 from mycodist.serve.page import render_error_page, render_result_page
-from mycodist.serve.preprocess import BadImage, decode_image
+from mycodist.serve.preprocess import BadImage, decode_image, original_size
 from mycodist.serve.verdict import WARNING, SafetyRules
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Service:
     def _prepare(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
         tf = self.predictor.export.transform
         img = decode_image(data, self.settings.max_pixels, tf)
-        return tf(img), img.size
+        return tf(img), original_size(img)
 
     async def assess(self, data: bytes) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
 from mycodist.serve.inference import Predictor, load_export
-from mycodist.serve.preprocess import BadImage, decode_image
+from mycodist.serve.preprocess import BadImage, decode_image, original_size
 from mycodist.serve.verdict import WARNING, SafetyRules
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
@@ -58,7 +58,7 @@ def predict_files(predictor: Predictor, files: list[Path], max_pixels: int, max_
                 answers[i] = {"file": str(f), "error": str(e), "warning": WARNING}
                 continue
             tensors.append(tf(img))
-            where.append((i, img.size))
+            where.append((i, original_size(img)))
         if tensors:
             for (i, (w, h)), ans in zip(where, predictor.predict(tensors), strict=True):
                 answers[i] = {"file": str(chunk[i]), **ans, "image": {"width": w, "height": h}}

@@ -88,6 +88,14 @@ class EvalTransform:
         return (torch.from_numpy(arr.copy()).float() * scale - shift).permute(2, 0, 1).contiguous()
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """The upright width and height of the photo as uploaded (draft decoding may have shrunk `img`)."""
+    return tuple(img.info.get("original_size", img.size))  # type: ignore[return-value]
+
+
 def decode_image(data: bytes, max_pixels: int, transform: EvalTransform | None = None) -> Image.Image:
     """Decode an upload into an upright RGB image, refusing anything dangerous before it is decoded.
 
@@ -123,10 +131,14 @@ def decode_image(data: bytes, max_pixels: int, transform: EvalTransform | None =
             img.draft("RGB", request)
         img.load()
         try:
+            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways
+                w, h = h, w
             img = ImageOps.exif_transpose(img)
         except Exception:  # a malformed EXIF block: keep the pixels as stored
             pass
-        return _to_rgb(img)
+        out = _to_rgb(img)
+        out.info["original_size"] = (w, h)  # upright size as uploaded, before any draft reduction
+        return out
     except Image.DecompressionBombError:
         raise BadImage("the image declares too many pixels (a decompression bomb?)") from None
     except MemoryError:

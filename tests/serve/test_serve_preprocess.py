@@ -11,7 +11,7 @@ from PIL import Image
 from serve_util import photo, png_bomb
 
 from mycodist.config import load_config
-from mycodist.serve.preprocess import BadImage, EvalTransform, decode_image
+from mycodist.serve.preprocess import BadImage, EvalTransform, decode_image, original_size
 
 
 @pytest.mark.parametrize("size,fmt", [((96, 64), "JPEG"), ((64, 200), "JPEG"), ((1600, 1200), "JPEG"),
@@ -46,6 +46,15 @@ def test_exif_orientation_makes_the_photo_upright():
     assert out.size == (20, 40)
     top, bottom = np.asarray(out)[5, 10], np.asarray(out)[35, 10]
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+    assert original_size(out) == (20, 40)
+
+
+def test_original_size_survives_draft_decoding():
+    cfg = load_config(None, ["model.img_size=64"])
+    tf = EvalTransform.from_config(cfg)
+    img = decode_image(photo(size=(1600, 1200), fmt="JPEG"), 10**8, tf)
+    assert img.size[0] < 1600  # decoded at a reduced scale
+    assert original_size(img) == (1600, 1200)
 
 
 def test_transparency_is_flattened_on_white():
