@@ -5,6 +5,14 @@ Run: OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/profi
 Wall time swings with other load on a shared machine, so rank 0's CPU time per step (all its threads)
 is reported too. Last line: JSON with both step times (best round of each) and the ratio (profiled / baseline), plus the
 median of the per-round ratios (rounds alternate, so load drift on a shared machine hits both alike).
+
+Real-trainer mode: `.venv/bin/python benchmarks/profile_overhead.py trainer [--steps 25 --blocks 8]` starts
+2 ranks that each build two `mycodist.train.Trainer`s on the same synth shards (engine torchrun-ddp, same
+seed): one with profile.enabled=false, one with profiling on in its default window (every=100, steps=5,
+start=10, its DDP comm hook attached). Blocks of steps alternate between them; per step, wall time comes
+from the trainer's step hooks and CPU time (rank 0, all threads) from process_time between hooks.
+Evaluation and checkpoints run between blocks and are not counted. Last line: JSON with the ratios
+profiled / baseline (CPU and wall, medians per step and per block pair).
 """
 
 from __future__ import annotations
@@ -53,7 +61,138 @@ def run(steps: int, profile: bool, run_dir: str) -> tuple[float, float]:
     return elapsed / steps, cpu / steps
 
 
+class EndlessLoader:
+    """The trainer's real loader, epoch after epoch without end, so a timed block never hits an epoch end
+    (and its evaluation/checkpoint)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.bad_samples = getattr(loader, "bad_samples", {})
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            self.loader.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def trainer_worker(shards: str, out: str, steps: int, blocks: int, batch: int, img: int) -> None:
+    """Two real trainers, profiling off / on, alternating blocks of `steps` optimizer steps."""
+    import statistics
+
+    from mycodist.config import load_config
+    from mycodist.train.trainer import Trainer
+
+    base = [f"data.shards={shards}", f"model.img_size={img}", f"train.batch_size={batch}", "train.export=false",
+            "train.resume=none", "data.workers=0", "train.ckpt_every=0", "train.keep_last=1", "train.eval_every=0",
+            "train.warmup_steps=1", "train.max_steps=1", "train.log_every=1000000", "train.tb=false",
+            "train.engine=torchrun-ddp"]
+    trainers, walls, cpus = {}, {}, {}
+    for name, enabled in (("baseline", "false"), ("profiled", "true")):
+        cfg = load_config(None, [*base, f"train.output_dir={out}/{name}", f"profile.enabled={enabled}"])
+        tr = Trainer(cfg)
+        tr.train_loader = EndlessLoader(tr.train_loader)
+        tr.steps_per_epoch = 10**9  # no epoch-end evaluation inside a timed block
+        walls[name], cpus[name] = [], []
+
+        def hook(step: int, phase: dict, name: str = name, last: list = [None]) -> None:  # noqa: B006
+            now = time.process_time()
+            if last[0] is not None and last[0][0] == step - 1:  # consecutive steps of one block
+                cpus[name][-1].append(now - last[0][1])
+            walls[name][-1].append(phase["total"])
+            last[0] = (step, now)
+
+        tr.step_hooks.append(hook)
+        trainers[name] = tr
+    for block in range(blocks + 1):  # block 0 (5 steps) warms both up and is not counted
+        for name, tr in trainers.items():
+            walls[name].append([])
+            cpus[name].append([])
+            tr.total_steps = tr.step + (steps if block else 5)  # counted: steps 5.. (windows 10-14, 110-114)
+            tr.train_loop()
+    summaries = {name: tr.profiler.close() for name, tr in trainers.items()}
+    if dist.get_rank() == 0:
+        med = {k: {"wall": statistics.median([x for b in walls[k][1:] for x in b]),
+                   "cpu": statistics.median([x for b in cpus[k][1:] for x in b])} for k in trainers}
+        pair_wall = [sum(p) / sum(b) for b, p in zip(walls["baseline"][1:], walls["profiled"][1:], strict=True)]
+        pair_cpu = [sum(p) / sum(b) for b, p in zip(cpus["baseline"][1:], cpus["profiled"][1:], strict=True)]
+        prof = summaries["profiled"] or {}
+        print(f"baseline (profile off): {med['baseline']['wall'] * 1e3:.2f} ms/step wall, "
+              f"{med['baseline']['cpu'] * 1e3:.2f} ms CPU; profiled trainer: {med['profiled']['wall'] * 1e3:.2f} / "
+              f"{med['profiled']['cpu'] * 1e3:.2f}; profiled steps {prof.get('profiled_steps')}")
+        print(json.dumps({
+            "benchmark": "profile_overhead_trainer", "world_size": dist.get_world_size(), "steps_per_block": steps,
+            "blocks": blocks, "batch_per_rank": batch, "img_size": img,
+            "profiled_steps": prof.get("profiled_steps"), "measured_over_theory": prof.get("measured_over_theory"),
+            "baseline_wall_ms_per_step": med["baseline"]["wall"] * 1e3,
+            "profiled_wall_ms_per_step": med["profiled"]["wall"] * 1e3,
+            "wall_ratio": med["profiled"]["wall"] / med["baseline"]["wall"],
+            "median_block_wall_ratio": statistics.median(pair_wall),
+            "baseline_cpu_ms_per_step": med["baseline"]["cpu"] * 1e3,
+            "profiled_cpu_ms_per_step": med["profiled"]["cpu"] * 1e3,
+            "cpu_ratio": med["profiled"]["cpu"] / med["baseline"]["cpu"],
+            "median_block_cpu_ratio": statistics.median(pair_cpu),
+            # all counted steps summed: includes the profiled windows' own cost at their 5 % duty cycle
+            "total_wall_ratio": sum(map(sum, walls["profiled"][1:])) / sum(map(sum, walls["baseline"][1:])),
+            "total_cpu_ratio": sum(map(sum, cpus["profiled"][1:])) / sum(map(sum, cpus["baseline"][1:])),
+            "block_wall_ratios": pair_wall, "block_cpu_ratios": pair_cpu}), flush=True)
+    for tr in trainers.values():
+        tr.engine.model = tr.engine.module = tr.engine.optimizer = None
+    trainers["baseline"].engine.close()
+
+
+def trainer_main(argv: list[str]) -> None:
+    """Parent of the real-trainer mode: synth shards, then torchrun on this file's trainer-worker."""
+    import argparse
+    import os
+    import subprocess
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="profile_overhead.py trainer")
+    p.add_argument("--steps", type=int, default=25, help="steps per block")
+    p.add_argument("--blocks", type=int, default=8, help="timed blocks per trainer (8 x 25 steps: windows 10-14 and 110-114, 5%% of steps)")
+    p.add_argument("--batch", type=int, default=32, help="images per rank")
+    p.add_argument("--img", type=int, default=32)
+    args = p.parse_args(argv)
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        subprocess.run([sys.executable, "-m", "mycodist", "synth", "--out", str(shards), "--quiet",
+                        "synth.species=4", "synth.per_species=30", "synth.size=48"], check=True, cwd=repo)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               "trainer-worker", str(shards), str(Path(tmp) / "run"), str(args.steps), str(args.blocks),
+               str(args.batch), str(args.img)]
+        out = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.stderr.write(out.stdout[-3000:] + out.stderr[-6000:])
+            sys.exit(out.returncode)
+        lines = [line for line in out.stdout.splitlines() if line.startswith(("baseline", "{"))]
+        print("\n".join(lines[-2:]))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "trainer":
+        trainer_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "trainer-worker":
+        torch.set_num_threads(1)
+        shards, out, steps, blocks, batch, img = sys.argv[2:8]
+        trainer_worker(shards, out, int(steps), int(blocks), int(batch), int(img))
+        return
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     torch.set_num_threads(1)

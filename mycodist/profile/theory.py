@@ -11,14 +11,18 @@ What DeepSpeed 0.19.8 actually sends differs, and the default engine theory foll
 checks it against measurement):
 - ZeRO-1/2 (`use_multi_rank_bucket_allreduce`, on by default) ALL-REDUCE the gradient buckets (Ψ, no
   padding) instead of reducing them to their owners, then all-gather the parameter partitions (flat group
-  padded to a multiple of 2n elements); plus one fp32 element all-reduced for the overflow check.
+  padded to a multiple of 2n elements); plus one fp32 element per optimizer parameter group all-reduced
+  (the overflow check / norm; measured: 28 groups → 28 × 4 bytes).
   Wire: 2(n−1)/n·Ψb + (n−1)/n·Ψb = 1.5× DDP.
 - ZeRO-3 all-gathers each partitioned parameter (padded to a multiple of n elements) in forward and in
-  backward, and reduce-scatters the padded gradients; parameters below `stage3_param_persistence_threshold`
+  backward, and reduce-scatters the padded gradients; parameters of at most `stage3_param_persistence_threshold`
   elements stay whole on every rank and are all-gathered once after the optimizer step (their gradients are
 reduce-scattered like the rest); one fp64 element
-  (the gradient norm) is all-reduced. This assumes parameters are released between forward and backward
-  (`stage3_max_reuse_distance: 0`); with reuse, the last layers' backward gather is skipped.
+  (the gradient norm) per optimizer parameter group is all-reduced. With `stage3_max_reuse_distance: 0` parameters are released between
+  forward and backward and gathered twice. DeepSpeed's default (1e9 elements) keeps a gathered parameter
+  while its next use lies within that many elements of the module trace; the next use of any parameter
+  lies within 2Ψ (rest of forward + backward up to it), so with a distance ≥ 2Ψ nothing is gathered again
+  in backward (all-gather 1×). Between 0 and 2Ψ only some are kept: the 2× figure is then an upper bound.
 - FSDP2 (`fully_shard` per block and on the root) pads dim 0 of each parameter to a multiple of n, gathers
   in forward and again in backward, except the root module's own parameters, which it keeps after forward.
 """
@@ -50,12 +54,14 @@ def _fsdp_padded(x: int | Sequence[int], n: int) -> int:
 
 def theory_bytes_per_step(engine: str, param_numels: Iterable[int | Sequence[int]], world_size: int,
                           dtype_bytes: int = 4, persistence_threshold: int = 0,
-                          group_numels: Iterable[int] | None = None, resident_numel: int = 0) -> dict:
+                          group_numels: Iterable[int] | None = None, resident_numel: int = 0,
+                          max_reuse_distance: int = 0) -> dict:
     """Expected {"by_op": {op: bytes}, "total", "wire_by_op", "wire_total"} for one optimizer step.
 
     `param_numels`: element count (or shape) of every trainable parameter; `group_numels`: DeepSpeed's
     optimizer parameter groups (default: one group of everything); `dtype_bytes`: bytes per element on the
-    wire; `resident_numel`: FSDP2 elements kept unsharded after forward (the root module's own parameters).
+    wire; `resident_numel`: FSDP2 elements kept unsharded after forward (the root module's own parameters);
+    `max_reuse_distance`: ZeRO-3's stage3_max_reuse_distance (see the module docstring).
     """
     shapes = list(param_numels)
     numels = [_numel(x) for x in shapes]
@@ -69,18 +75,21 @@ def theory_bytes_per_step(engine: str, param_numels: Iterable[int | Sequence[int
             by_op["all_reduce"] = psi * dtype_bytes
         elif engine in ("zero1", "zero2"):
             groups = list(group_numels) if group_numels is not None else [psi]
-            by_op["all_reduce"] = psi * dtype_bytes + 4  # gradient buckets + the fp32 overflow flag
+            by_op["all_reduce"] = psi * dtype_bytes + 4 * len(groups)  # gradient buckets + one fp32 per group
             by_op["all_gather"] = sum(_ceil_to(g, 2 * n) for g in groups) * dtype_bytes
         elif engine in ("zero1_paper", "zero2_paper"):
             by_op["reduce_scatter"] = psi * dtype_bytes
             by_op["all_gather"] = psi * dtype_bytes
         elif engine == "zero3":
             padded = [_ceil_to(x, n) for x in numels]
-            persistent = sum(p for p, x in zip(padded, numels, strict=True) if x < persistence_threshold)
-            partitioned = sum(p for p, x in zip(padded, numels, strict=True) if x >= persistence_threshold)
-            by_op["all_gather"] = (2 * partitioned + persistent) * dtype_bytes
+            # DeepSpeed keeps a parameter whole when ds_numel <= stage3_param_persistence_threshold
+            persistent = sum(p for p, x in zip(padded, numels, strict=True) if x <= persistence_threshold)
+            partitioned = sum(p for p, x in zip(padded, numels, strict=True) if x > persistence_threshold)
+            gathers = 1 if max_reuse_distance >= 2 * psi else 2  # forward, and again in backward unless kept
+            by_op["all_gather"] = (gathers * partitioned + persistent) * dtype_bytes
             by_op["reduce_scatter"] = (partitioned + persistent) * dtype_bytes
-            by_op["all_reduce"] = 8  # the fp64 gradient norm
+            n_groups = len(list(group_numels)) if group_numels is not None else 1
+            by_op["all_reduce"] = 8 * n_groups  # the fp64 gradient norm, one per optimizer parameter group
         elif engine == "fsdp":  # FSDP2 FULL_SHARD: gather in forward, again in backward except the root's
             padded = sum(_fsdp_padded(x, n) for x in shapes)
             by_op["all_gather"] = (2 * padded - resident_numel) * dtype_bytes

@@ -146,6 +146,13 @@ class Engine:
         """Inside, every rank holds every parameter in full (a no-op except under ZeRO-3)."""
         yield
 
+    # --- profiling -------------------------------------------------------------------
+    def comm_profile(self) -> dict[str, Any]:
+        """What the profiler's byte theory needs about this engine's traffic (mycodist.profile.theory):
+        `engine` (ddp | zero0-3), `dtype_bytes` on the wire, the ZeRO-3 persistence threshold, and `ddp`,
+        the DistributedDataParallel wrapper whose buckets the profiler must see (None when there is none)."""
+        return _ddp_comm_profile(self.model, self.module)
+
     # --- checkpoints -----------------------------------------------------------------
     def save(self, ckpt_dir: Path) -> None:
         raise NotImplementedError
@@ -163,6 +170,26 @@ class Engine:
         gc.collect()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ddp_comm_profile(model: Any, module: torch.nn.Module | None) -> dict[str, Any]:
+    """DDP all-reduces the gradients in the parameters' dtype: fp32 under autocast (bf16/fp16 only in compute)."""
+    ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    param = next((p for p in module.parameters() if p.requires_grad), None) if module is not None else None
+    return {"engine": "ddp", "dtype_bytes": param.element_size() if param is not None else 4,
+            "persistence_threshold": 0, "ddp": ddp}
+
+
+def _deepspeed_comm_profile(ds_engine: Any) -> dict[str, Any]:
+    """ZeRO stage N sends its `communication_data_type` (bf16/fp16 runs: the 16-bit type, i.e. gradients are
+    reduced and parameters gathered in 16 bit; fp32 runs: fp32). ZeRO-3 keeps parameters of at most
+    `stage3_param_persistence_threshold` elements whole on every rank; with `stage3_max_reuse_distance` > 0
+    it may keep gathered parameters from forward into backward (the theory assumes it does not)."""
+    stage = int(ds_engine.zero_optimization_stage())
+    dtype = ds_engine.communication_data_type
+    return {"engine": f"zero{stage}", "dtype_bytes": torch.empty(0, dtype=dtype).element_size(),
+            "persistence_threshold": int(ds_engine.zero_param_persistence_threshold()) if stage == 3 else 0,
+            "max_reuse_distance": int(ds_engine.zero_max_reuse_distance()) if stage == 3 else 0, "ddp": None}
 
 
 def _torch_adamw(cfg: DictConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -338,6 +365,11 @@ class AccelerateEngine(Engine):
         else:
             yield
 
+    def comm_profile(self) -> dict[str, Any]:
+        if self.uses_deepspeed:
+            return _deepspeed_comm_profile(self.model)
+        return _ddp_comm_profile(self.model, self.module)
+
     def save(self, ckpt_dir: Path) -> None:
         self.accelerator.save_state(str(ckpt_dir))
 
@@ -452,6 +484,9 @@ class DeepSpeedEngine(Engine):
                 yield
         else:
             yield
+
+    def comm_profile(self) -> dict[str, Any]:
+        return _deepspeed_comm_profile(self.model)
 
     def save(self, ckpt_dir: Path) -> None:
         self.model.save_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, save_latest=False)

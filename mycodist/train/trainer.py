@@ -2,7 +2,9 @@
 checkpoints; the last checkpoint and the export. Started on every rank by launch/train.py.
 
 The step loop (`Trainer.train_loop`) is one function with four timed phases — data wait, forward,
-backward, optimizer step — reported to `step_hooks` so a profiler can attach without touching it.
+backward, optimizer step — reported to `step_hooks` after each step. The collective profiler
+(mycodist.profile, `profile.*` keys) wraps the step itself, since it must be open while the collectives run;
+outside its windows it hands back shared null contexts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mycodist.atomic import atomic_write_json
 from mycodist.catalog import CLASS_INDICES, SPECIES, save_class_indices, save_species
 from mycodist.config import save_config
 from mycodist.errors import UsageError
+from mycodist.profile import Profiler
 from mycodist.train import checkpoint as ck
 from mycodist.train.board import Board, confusion_figure, prediction_grid
 from mycodist.train.ema import WeightEma
@@ -92,7 +95,12 @@ class Trainer:
         model = build_model(cfg.model, self.num_classes)
         if cfg.train.compile:
             model = torch.compile(model)
-        e.prepare(model, build_param_groups(model, cfg))
+        groups = build_param_groups(model, cfg)
+        # before prepare: ZeRO-3 partitions the parameters in place (numel 0 afterwards)
+        param_numels = [p.numel() for p in model.parameters() if p.requires_grad]
+        group_numels = [sum(p.numel() for p in g["params"] if p.requires_grad) for g in groups]
+        e.prepare(model, groups)
+        self.profiler = self._make_profiler(param_numels, group_numels)
         seed_all(int(cfg.seed) + 1000 * (e.rank + 1))  # drop-path / augmentation differ per rank
 
         self.train_loader = make_train_loader(cfg, e.rank, e.world_size, spec=self.spec)
@@ -111,6 +119,29 @@ class Trainer:
         self.last_eval: dict[str, Any] = {}
         if e.is_main:
             self._write_run_files()
+
+    def _make_profiler(self, param_numels: list[int], group_numels: list[int]) -> Profiler:
+        """The engine says what it sends (engine kind, bytes per element, ZeRO-3 persistence): the theory
+        column of RUN_DIR/profile/summary.json follows the run's engine and precision."""
+        e = self.engine
+        facts = e.comm_profile() if self.cfg.profile.enabled else {"engine": "ddp", "dtype_bytes": 4}
+        extra: dict[str, Any] = {}
+        if facts["engine"] in ("zero1", "zero2", "zero3"):
+            extra["group_numels"] = group_numels  # padding (ZeRO-1/2) and one small all-reduce per group
+        if facts["engine"] == "zero3":
+            extra["max_reuse_distance"] = facts["max_reuse_distance"]
+        prof = Profiler(self.cfg.profile, self.run_dir, e.rank, e.world_size, engine=facts["engine"],
+                        param_numels=param_numels, dtype_bytes=facts["dtype_bytes"],
+                        persistence_threshold=facts.get("persistence_threshold", 0),
+                        device="cuda" if e.device.type == "cuda" else "cpu", **extra)
+        if facts.get("ddp") is not None:
+            prof.attach_ddp(facts["ddp"])  # before the first forward: DDP takes a comm hook only then
+        reuse = facts.get("max_reuse_distance", 0)
+        if self.cfg.profile.enabled and e.is_main and 0 < reuse < 2 * sum(param_numels):
+            print(f"profile: ZeRO-3 stage3_max_reuse_distance={reuse} keeps only some parameters gathered from "
+                  "forward into backward; the theory's all-gather bytes are an upper bound (docs/profiling.md)",
+                  flush=True)
+        return prof
 
     # --- files -------------------------------------------------------------------------------------
     def _write_run_files(self) -> None:
@@ -189,40 +220,46 @@ class Trainer:
         epoch, batches = -1, iter(())
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro-batch losses, count) since last log
         window = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0, "total": 0.0, "images": 0}
+        prof = self.profiler
         while self.step < self.total_steps:
             phase = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
             t_start = time.perf_counter()
             images_in_step = 0
-            for micro in range(e.grad_accum):
-                t0 = time.perf_counter()
-                if self.step // self.steps_per_epoch != epoch:  # epoch boundary (equal on all ranks)
-                    epoch = self.step // self.steps_per_epoch
-                    batches = self._epoch_iterator(epoch)
-                images, targets = next(batches)[:2]
-                images = self.model_input(images)
-                targets = targets.to(e.device, non_blocking=True)
-                t1 = time.perf_counter()
-                is_last = micro == e.grad_accum - 1
-                with e.micro_step(is_last):
-                    with e.autocast():
-                        logits = model(images)
-                    loss = soft_or_hard_loss(logits, targets, smoothing)
-                    t2 = time.perf_counter()
-                    e.backward(loss, is_last)
-                t3 = time.perf_counter()
-                loss_sum[0] += loss.detach().double().cpu()
-                loss_sum[1] += 1
-                images_in_step += len(images)
-                phase["data"] += t1 - t0
-                phase["forward"] += t2 - t1
-                phase["backward"] += t3 - t2
-            t4 = time.perf_counter()
-            lr = self.schedule.lr(self.step)
-            e.set_lr(lr)
-            grad_norm = e.step()
-            if self.ema:
-                self.ema.update(e.module, self.step)
-            phase["step"] = time.perf_counter() - t4
+            with prof.step(self.step):  # a null context outside profiling windows
+                for micro in range(e.grad_accum):
+                    t0 = time.perf_counter()
+                    with prof.phase("data"):
+                        if self.step // self.steps_per_epoch != epoch:  # epoch boundary (equal on all ranks)
+                            epoch = self.step // self.steps_per_epoch
+                            batches = self._epoch_iterator(epoch)
+                        images, targets = next(batches)[:2]
+                        images = self.model_input(images)
+                        targets = targets.to(e.device, non_blocking=True)
+                    t1 = time.perf_counter()
+                    is_last = micro == e.grad_accum - 1
+                    with e.micro_step(is_last):
+                        with prof.phase("forward"):
+                            with e.autocast():
+                                logits = model(images)
+                            loss = soft_or_hard_loss(logits, targets, smoothing)
+                        t2 = time.perf_counter()
+                        with prof.phase("backward"):
+                            e.backward(loss, is_last)
+                    t3 = time.perf_counter()
+                    loss_sum[0] += loss.detach().double().cpu()
+                    loss_sum[1] += 1
+                    images_in_step += len(images)
+                    phase["data"] += t1 - t0
+                    phase["forward"] += t2 - t1
+                    phase["backward"] += t3 - t2
+                t4 = time.perf_counter()
+                with prof.phase("optimizer"):
+                    lr = self.schedule.lr(self.step)
+                    e.set_lr(lr)
+                    grad_norm = e.step()
+                    if self.ema:
+                        self.ema.update(e.module, self.step)
+                phase["step"] = time.perf_counter() - t4
             phase["total"] = time.perf_counter() - t_start
             self.step += 1
             for hook in self.step_hooks:
@@ -246,6 +283,18 @@ class Trainer:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
+
+    def _close_profiler(self) -> None:
+        """Rank 0 writes RUN_DIR/profile/ (summary.json, PNGs); the scalars go into the run's TensorBoard."""
+        summary = self.profiler.close()
+        if summary is None or not self.engine.is_main:
+            return
+        measured, theory = summary["measured_bytes_per_step"]["total"], summary.get("theory_bytes_per_step")
+        line = f"profile: {len(summary['profiled_steps'])} step(s), {measured / 1e6:.3f} MB/step measured"
+        if theory:
+            line += f", {theory['total'] / 1e6:.3f} MB theory ({summary['engine']}, ratio {summary['measured_over_theory']:.4f})"
+        exposed = summary["step_breakdown"]["mean"]["exposed_fraction"]
+        print(f"{line}; exposed comm {exposed:.1%} of the step; {self.run_dir / 'profile'}", flush=True)
 
     def _epoch_iterator(self, epoch: int) -> Any:
         """Batches of `epoch`; continues mid-epoch from a resumed loader state."""
@@ -401,7 +450,11 @@ class Trainer:
             print(f"TensorBoard: tensorboard --logdir {self.run_dir / 'tb'} --host 127.0.0.1 --port 6006", flush=True)
         self.maybe_resume()
         if self.step < self.total_steps:
-            self.train_loop()
+            try:
+                self.train_loop()
+            finally:
+                self.profiler.recorder.stop()  # a failed step must not leave torch.distributed wrapped
+            self._close_profiler()
         elif not ck.complete_checkpoints(self.run_dir):
             self.save_checkpoint()
         wall = time.time() - start
