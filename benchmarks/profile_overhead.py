@@ -10,9 +10,11 @@ Real-trainer mode: `.venv/bin/python benchmarks/profile_overhead.py trainer [--s
 2 ranks that each build two `mycodist.train.Trainer`s on the same synth shards (engine torchrun-ddp, same
 seed): one with profile.enabled=false, one with profiling on in its default window (every=100, steps=5,
 start=10, its DDP comm hook attached). Blocks of steps alternate between them; per step, wall time comes
-from the trainer's step hooks and CPU time (rank 0, all threads) from process_time between hooks.
-Evaluation and checkpoints run between blocks and are not counted. Last line: JSON with the ratios
-profiled / baseline (CPU and wall, medians per step and per block pair).
+from the trainer's step hooks and CPU time (rank 0, all threads) from process_time between hooks (a
+block's first step from the block's start). Evaluation and checkpoints run between blocks and are not
+counted, nor in CPU is the other trainer's block (both share the process, so process_time would see it).
+Last line: JSON with the ratios profiled / baseline (CPU and wall: medians per step, per block pair, all
+counted steps summed, and the profiled window steps against the same steps of the baseline).
 """
 
 from __future__ import annotations
@@ -100,20 +102,21 @@ def trainer_worker(shards: str, out: str, steps: int, blocks: int, batch: int, i
             "train.resume=none", "data.workers=0", "train.ckpt_every=0", "train.keep_last=1", "train.eval_every=0",
             "train.warmup_steps=1", "train.max_steps=1", "train.log_every=1000000", "train.tb=false",
             "train.engine=torchrun-ddp"]
-    trainers, walls, cpus = {}, {}, {}
+    trainers, walls, cpus, by_step = {}, {}, {}, {}
+    marks: dict[str, float] = {}  # per trainer: process_time at its previous step's end (or its block's start)
     for name, enabled in (("baseline", "false"), ("profiled", "true")):
         cfg = load_config(None, [*base, f"train.output_dir={out}/{name}", f"profile.enabled={enabled}"])
         tr = Trainer(cfg)
         tr.train_loader = EndlessLoader(tr.train_loader)
         tr.steps_per_epoch = 10**9  # no epoch-end evaluation inside a timed block
-        walls[name], cpus[name] = [], []
+        walls[name], cpus[name], by_step[name] = [], [], {}
 
-        def hook(step: int, phase: dict, name: str = name, last: list = [None]) -> None:  # noqa: B006
+        def hook(step: int, phase: dict, name: str = name) -> None:
             now = time.process_time()
-            if last[0] is not None and last[0][0] == step - 1:  # consecutive steps of one block
-                cpus[name][-1].append(now - last[0][1])
+            cpus[name][-1].append(now - marks[name])
+            by_step[name][step - 1] = now - marks[name]  # the hook gets the next step's index
             walls[name][-1].append(phase["total"])
-            last[0] = (step, now)
+            marks[name] = now
 
         tr.step_hooks.append(hook)
         trainers[name] = tr
@@ -122,6 +125,9 @@ def trainer_worker(shards: str, out: str, steps: int, blocks: int, batch: int, i
             walls[name].append([])
             cpus[name].append([])
             tr.total_steps = tr.step + (steps if block else 5)  # counted: steps 5.. (windows 10-14, 110-114)
+            # A block's CPU clock starts here, not at the previous block's last step: the gap holds the other
+            # trainer's whole block and this one's end-of-run evaluation and checkpoint (all one process).
+            marks[name] = time.process_time()
             tr.train_loop()
     summaries = {name: tr.profiler.close() for name, tr in trainers.items()}
     if dist.get_rank() == 0:
@@ -130,6 +136,7 @@ def trainer_worker(shards: str, out: str, steps: int, blocks: int, batch: int, i
         pair_wall = [sum(p) / sum(b) for b, p in zip(walls["baseline"][1:], walls["profiled"][1:], strict=True)]
         pair_cpu = [sum(p) / sum(b) for b, p in zip(cpus["baseline"][1:], cpus["profiled"][1:], strict=True)]
         prof = summaries["profiled"] or {}
+        windows = [s for s in prof.get("profiled_steps", []) if s in by_step["baseline"]]
         print(f"baseline (profile off): {med['baseline']['wall'] * 1e3:.2f} ms/step wall, "
               f"{med['baseline']['cpu'] * 1e3:.2f} ms CPU; profiled trainer: {med['profiled']['wall'] * 1e3:.2f} / "
               f"{med['profiled']['cpu'] * 1e3:.2f}; profiled steps {prof.get('profiled_steps')}")
@@ -148,7 +155,13 @@ def trainer_worker(shards: str, out: str, steps: int, blocks: int, batch: int, i
             # all counted steps summed: includes the profiled windows' own cost at their 5 % duty cycle
             "total_wall_ratio": sum(map(sum, walls["profiled"][1:])) / sum(map(sum, walls["baseline"][1:])),
             "total_cpu_ratio": sum(map(sum, cpus["profiled"][1:])) / sum(map(sum, cpus["baseline"][1:])),
-            "block_wall_ratios": pair_wall, "block_cpu_ratios": pair_cpu}), flush=True)
+            "block_wall_ratios": pair_wall, "block_cpu_ratios": pair_cpu,
+            # the profiled steps alone: their CPU against the same steps of the baseline trainer
+            "window_steps": windows, "window_cpu_ms": {k: [round(by_step[k][s] * 1e3, 1) for s in windows]
+                                                       for k in trainers},
+            "window_cpu_ratio": sum(by_step["profiled"][s] for s in windows)
+            / sum(by_step["baseline"][s] for s in windows) if windows else None}),
+            flush=True)
     for tr in trainers.values():
         tr.engine.model = tr.engine.module = tr.engine.optimizer = None
     trainers["baseline"].engine.close()
