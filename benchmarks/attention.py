@@ -5,6 +5,9 @@ sequence length, as ratios to the `math` reference (the named baseline) measured
     python benchmarks/attention.py --quick    # N in 197 1024, one repeat
     python benchmarks/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --matmul-peak  (GPU)
 
+Timing: one warm-up per backend (it also compiles flex), then `--repeats` rounds in which every backend runs
+once in turn (interleaved, so a burst of load from other jobs hits all backends alike); medians of wall time
+and of process CPU time (the goal is wall time; CPU time is the cross-check when the cores are shared).
 Memory on CPU is the peak resident-set growth over the inputs (VmHWM after resetting it through
 /proc/self/clear_refs; glibc is told to return every allocation >= 64 KiB to the OS so freed memory does not
 hide growth). On CUDA it is torch.cuda.max_memory_allocated over the inputs. The last line is JSON.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import platform
@@ -116,31 +120,57 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn, q, k, v, backward: bool, repeats: int, device: str) -> dict:
-    """Median wall time (ms) over `repeats` after one warm-up (which also compiles), and peak memory."""
+def _once(fn, q, k, v, backward: bool) -> None:
+    if backward:
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        out.backward(torch.ones_like(out))
+        return
+    with torch.no_grad():
+        fn(q, k, v)
 
-    def once():
-        if backward:
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = fn(qq, kk, vv)
-            out.backward(torch.ones_like(out))
-            return
-        with torch.no_grad():
-            fn(q, k, v)
 
-    t0 = time.perf_counter()
-    once()
-    _sync(device)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+def measure_interleaved(fns: dict, q, k, v, backward: bool, repeats: int, device: str) -> dict:
+    """name → result (or the exception it raised). One warm-up each (which also compiles), then `repeats`
+    rounds that run every backend once in turn, so a change in machine load hits all of them alike instead of
+    whichever ran during the busy minute. Each timed call starts after gc.collect(). Reports the median wall
+    time and the median process CPU time (all threads, user + system: less sensitive than wall time to other
+    jobs on the cores, though spin-waiting threads count too), then peak memory in a separate call."""
+    out: dict = {}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
-        once()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    with PeakMemory(device) as mem:
-        once()
-    return {"ms": statistics.median(times) * 1e3, "first_ms": first * 1e3, "peak_mib": mem.mib}
+        try:
+            _once(fn, q, k, v, backward)
+            _sync(device)
+        except Exception as e:  # a kernel that cannot run this shape/dtype: record why, go on
+            out[name] = e
+            continue
+        out[name] = {"first_ms": (time.perf_counter() - t0) * 1e3, "wall": [], "cpu": []}
+    for _ in range(repeats):
+        for name in [n for n in fns if isinstance(out[n], dict)]:
+            gc.collect()
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                _once(fns[name], q, k, v, backward)
+                _sync(device)
+            except Exception as e:  # e.g. out of memory only once others' buffers are cached: drop this backend
+                out[name] = e
+                continue
+            out[name]["wall"].append(time.perf_counter() - w)
+            out[name]["cpu"].append(time.process_time() - c)
+    for name in [n for n in fns if isinstance(out[n], dict)]:
+        r = out[name]
+        gc.collect()
+        try:
+            with PeakMemory(device) as mem:
+                _once(fns[name], q, k, v, backward)
+        except Exception as e:
+            out[name] = e
+            continue
+        r["ms"] = statistics.median(r.pop("wall")) * 1e3
+        r["cpu_ms"] = statistics.median(r.pop("cpu")) * 1e3
+        r["peak_mib"] = mem.mib
+    return out
 
 
 def attention_flops(b: int, h: int, n: int, d: int, backward: bool, attended: float = 1.0) -> float:
@@ -191,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak_tflops(args.device, dtype) if args.matmul_peak else None
     if peak:
         print(f"measured {args.dtype} matmul peak: {peak:.1f} TFLOP/s")
+    load_start = os.getloadavg()[0]
     results = []
     for n in args.seq:
         torch._dynamo.reset()  # a fresh compile cache per N: 5 lengths x 2 masks would pass dynamo's recompile limit
@@ -199,28 +230,30 @@ def main(argv: list[str] | None = None) -> int:
                                generator=gen) for _ in range(3))
         backends, sparse_density = make_backends(args.device, n, args.sparse_density)
         names = ["math"] + [b for b in backends if b != "math" and (args.backends is None or b in args.backends)]
-        base = {}
-        for name in names:
-            row = {"backend": name, "N": n}
-            for mode, backward in (("fwd", False), ("fwdbwd", True)):
-                try:
-                    r = measure(backends[name], q, k, v, backward, args.repeats, args.device)
-                except Exception as e:  # a kernel that cannot run this shape/dtype: record why, go on
-                    row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows = {name: {"backend": name, "N": n} for name in names}
+        for mode, backward in (("fwd", False), ("fwdbwd", True)):
+            got = measure_interleaved({name: backends[name] for name in names}, q, k, v, backward, args.repeats,
+                                      args.device)
+            base = got["math"] if isinstance(got["math"], dict) else None
+            for name in names:
+                row, r = rows[name], got[name]
+                if not isinstance(r, dict):
+                    row[f"{mode}_error"] = f"{type(r).__name__}: {str(r).splitlines()[0][:160]}"
                     continue
                 attended = sparse_density if "sparse" in name else 1.0
                 tflops = attention_flops(args.batch, args.heads, n, args.head_dim, backward, attended) / r["ms"] / 1e9
-                row.update({f"{mode}_ms": round(r["ms"], 3), f"{mode}_first_ms": round(r["first_ms"], 1),
-                            f"{mode}_peak_mib": round(r["peak_mib"], 1), f"{mode}_tflops": round(tflops, 4)})
+                row.update({f"{mode}_ms": round(r["ms"], 3), f"{mode}_cpu_ms": round(r["cpu_ms"], 3),
+                            f"{mode}_first_ms": round(r["first_ms"], 1), f"{mode}_peak_mib": round(r["peak_mib"], 1),
+                            f"{mode}_tflops": round(tflops, 4)})
                 if peak:
                     row[f"{mode}_of_matmul_peak"] = round(tflops / peak, 4)
-                if name == "math":
-                    base[mode] = r
-                elif mode in base:
-                    row[f"{mode}_time_vs_math"] = round(r["ms"] / base[mode]["ms"], 4)
-                    row[f"{mode}_mem_vs_math"] = round(r["peak_mib"] / max(base[mode]["peak_mib"], 1e-3), 4)
-            results.append(row)
-            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                if base is not None and name != "math":
+                    row[f"{mode}_time_vs_math"] = round(r["ms"] / base["ms"], 4)
+                    row[f"{mode}_cpu_time_vs_math"] = round(r["cpu_ms"] / base["cpu_ms"], 4)
+                    row[f"{mode}_mem_vs_math"] = round(r["peak_mib"] / max(base["peak_mib"], 1e-3), 4)
+        for name in names:
+            results.append(rows[name])
+            print(" ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
         del q, k, v
 
     summary = {}
@@ -233,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             "sdpa_fwdbwd_time_vs_math": sdpa["fwdbwd_time_vs_math"],
             "sdpa_fwd_mem_vs_math": sdpa.get("fwd_mem_vs_math"),
             "sdpa_fwdbwd_mem_vs_math": sdpa["fwdbwd_mem_vs_math"],
+            "sdpa_fwd_cpu_time_vs_math": sdpa.get("fwd_cpu_time_vs_math"),
+            "sdpa_fwdbwd_cpu_time_vs_math": sdpa.get("fwdbwd_cpu_time_vs_math"),
         }
         summary["goal_mem_le_0.1_time_le_0.5"] = all(
             summary[f"sdpa_{m}_mem_vs_math"] <= 0.1 and summary[f"sdpa_{m}_time_vs_math"] <= 0.5
@@ -241,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "benchmark": "attention", "baseline": "math", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch,
-        "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "loadavg_1m_start": round(load_start, 2),
+        "loadavg_1m_end": round(os.getloadavg()[0], 2), "torch": torch.__version__, "dtype": args.dtype,
+        "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
         "matmul_peak_tflops": round(peak, 2) if peak else None, "summary": summary, "results": results,
     }))
     return 0
