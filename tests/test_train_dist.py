@@ -142,3 +142,16 @@ def test_torchrun_ddp_with_accumulation_and_ema(shards, tmp_path):
     assert live["which"] == "ema"
     assert json.loads((run / "export" / "calibration.json").read_text())["weights"] == "ema"
     assert_export_matches_live(run, atol=1e-4)
+
+
+def test_resume_into_a_run_of_another_model_is_a_clear_error(shards, ddp_run, tmp_path):
+    """`train.resume=auto` in a folder whose checkpoints hold another model: exit 2 with the differing keys,
+    not a state_dict traceback from every rank."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run, run)
+    proc = train(shards, run, "train.epochs=4", "model.img_size=48", "train.resume=auto", check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "another model config" in out and "model.img_size: 32 → 48" in out, out[-3000:]

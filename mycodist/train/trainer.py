@@ -171,7 +171,8 @@ class Trainer:
             meta = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "engine": e.name,
                     "zero_stage": e.zero_stage, "world_size": e.world_size, "precision": e.precision,
                     "uses_deepspeed": e.name == "deepspeed" or getattr(e, "uses_deepspeed", False),
-                    "num_classes": self.num_classes, "time": time.time()}
+                    "num_classes": self.num_classes, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
+                    "time": time.time()}
             ck.finish_save(tmp, meta, int(self.cfg.train.keep_last))
         e.barrier()
 
@@ -185,6 +186,14 @@ class Trainer:
             raise UsageError(f"checkpoint {path} was written by {meta['world_size']} rank(s) of engine "
                              f"{meta['engine']}; this run has {e.world_size} of {e.name}. Resume with the same "
                              "launch, or start afresh with train.resume=none")
+        saved_model = meta.get("model")  # older checkpoints did not record it
+        if saved_model is not None:
+            now = OmegaConf.to_container(self.cfg.model, resolve=True)
+            diff = sorted(k for k in set(saved_model) | set(now) if saved_model.get(k) != now.get(k))
+            if diff:
+                shown = ", ".join(f"model.{k}: {saved_model.get(k)!r} → {now.get(k)!r}" for k in diff)
+                raise UsageError(f"checkpoint {path} was made with another model config ({shown}); use a new "
+                                 "train.output_dir, or train.resume=none to start afresh in this one")
         e.load(path)
         state = torch.load(ck.trainer_state_file(path, e.rank), map_location="cpu", weights_only=False)
         self.step = int(state["step"])
