@@ -143,8 +143,15 @@ class Engine:
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[None]:
-        """Inside, every rank holds every parameter in full (a no-op except under ZeRO-3)."""
-        yield
+        """Inside, every rank holds every parameter in full (a no-op except under ZeRO-3, where only
+        DeepSpeed — direct or through Accelerate's plugin — partitions them)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+                yield
+        else:
+            yield
 
     # --- profiling -------------------------------------------------------------------
     def comm_profile(self) -> dict[str, Any]:
@@ -355,16 +362,6 @@ class AccelerateEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return None if norm is None else float(norm)
 
-    @contextlib.contextmanager
-    def full_parameters(self) -> Iterator[None]:
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
-                yield
-        else:
-            yield
-
     def comm_profile(self) -> dict[str, Any]:
         if self.uses_deepspeed:
             return _deepspeed_comm_profile(self.model)
@@ -474,16 +471,6 @@ class DeepSpeedEngine(Engine):
         self.model.step()
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
-
-    @contextlib.contextmanager
-    def full_parameters(self) -> Iterator[None]:
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
-                yield
-        else:
-            yield
 
     def comm_profile(self) -> dict[str, Any]:
         return _deepspeed_comm_profile(self.model)
