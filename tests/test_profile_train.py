@@ -1,8 +1,8 @@
 """The collective profiler inside the real training loop: `mycodist train --nproc 2 profile.enabled=true`
 writes RUN_DIR/profile/ whose measured bytes per step equal the theory for the run's engine and precision
-(Accelerate DDP fp32; DeepSpeed ZeRO-3 bf16, whose traffic is 16 bit), with plots and TensorBoard scalars;
-and with profiling off the loop's profiler is inert. ZeRO-1/2 (fp32, bf16) and Accelerate + DeepSpeed were
-checked by hand the same way (docs/profiling.md)."""
+(Accelerate DDP fp32, with plots and TensorBoard scalars; DeepSpeed ZeRO-3 bf16, whose traffic is 16 bit;
+ZeRO-1 fp32, which sends twice DDP's bytes); and with profiling off the loop's profiler is inert. ZeRO-2 and
+Accelerate + DeepSpeed were checked by hand the same way (docs/profiling.md)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,22 @@ def test_deepspeed_zero3_bf16_profile_matches_theory_in_16_bit(shards, tmp_path)
     theory = theory_bytes_per_step("zero3", numels, 2, dtype_bytes=2, persistence_threshold=10**5,
                                    max_reuse_distance=10**9, group_numels=groups)
     assert theory["by_op"]["all_reduce"] == 8 * len(groups) and len(groups) > 1  # one grad norm per group
+    assert_measured_equals_theory(summary, theory)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_fp32_sends_twice_ddp_bytes(shards, tmp_path):
+    """DeepSpeed 0.19.8's ZeRO-1 all-reduces full fp32 gradients (not a reduce-scatter) and all-gathers the
+    updated partitions, plus one small all-reduce per optimizer group: the theory models that; check it."""
+    run = tmp_path / "run"
+    train(shards, run, *WINDOW, "train.engine=deepspeed", "train.zero_stage=1", launcher="torchrun")
+    assert_trained_together(run)
+    summary = json.loads((run / "profile" / "summary.json").read_text())
+    assert summary["engine"] == "zero1" and summary["profiled_steps"] == [2, 3]
+    numels, groups = trainable_numels(shards)
+    theory = theory_bytes_per_step("zero1", numels, 2, dtype_bytes=4, group_numels=groups)
+    ddp = theory_bytes_per_step("ddp", numels, 2, dtype_bytes=4)
+    assert theory["total"] == pytest.approx(2 * ddp["total"], rel=0.01)
     assert_measured_equals_theory(summary, theory)
 
 
