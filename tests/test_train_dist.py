@@ -155,3 +155,25 @@ def test_resume_into_a_run_of_another_model_is_a_clear_error(shards, ddp_run, tm
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "another model config" in out and "model.img_size: 32 → 48" in out, out[-3000:]
+
+
+def test_compile_with_ema_and_layer_decay_on_two_ranks_exports_strictly(shards, tmp_path):
+    """train.compile=true after groups/EMA/engine (issue: `_orig_mod.` names broke groups, EMA and export).
+    A near-zero EMA decay makes the EMA track the weights, so EMA == the trained weights is checkable."""
+    from safetensors.torch import load_file
+
+    from mycodist.train import checkpoint as ck
+    from mycodist.train.export import consolidated_state_dict
+
+    run = tmp_path / "run"
+    train(shards, run, "train.epochs=1", "train.compile=true", "train.ema_decay=1e-9", "train.layer_decay=0.75",
+          timeout=420)
+    assert_trained_together(run)
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in exported)
+    weights = consolidated_state_dict(ck.complete_checkpoints(run)[-1])
+    assert set(weights) == set(exported)
+    for k, v in weights.items():
+        assert torch.allclose(exported[k], v, atol=1e-6), k
+    assert json.loads((run / "export" / "calibration.json").read_text())["weights"] == "ema"
+    assert_export_matches_live(run, atol=1e-4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -67,19 +68,36 @@ class StreamParams:
     timeout: float = 300.0
     prefetch: int = 2
     class_balanced: bool = False
+    pin_memory: bool = False  # page-locked batches, so a non_blocking copy to the GPU really overlaps
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, batch_size: int | None = None) -> StreamParams:
+    def from_config(cls, cfg: DictConfig, batch_size: int | None = None, pin_memory: bool = False) -> StreamParams:
         d = cfg.data
-        p = cls(seed=int(d.seed), batch_size=int(batch_size or cfg.train.batch_size), workers=int(d.workers),
+        p = cls(seed=int(d.seed), batch_size=int(batch_size or cfg.train.batch_size),
+                workers=resolve_workers(int(d.workers)),
                 shuffle_buffer=int(d.shuffle_buffer), interleave=int(d.interleave),
                 remainder=str(d.epoch_remainder), max_bad_fraction=float(d.max_bad_fraction),
-                timeout=float(d.timeout), prefetch=int(d.prefetch), class_balanced=bool(d.class_balanced))
-        if p.workers < 0 or p.batch_size < 1 or p.interleave < 1 or p.prefetch < 1:
-            raise UsageError("data.workers must be >= 0; train.batch_size, data.interleave, data.prefetch >= 1")
+                timeout=float(d.timeout), prefetch=int(d.prefetch), class_balanced=bool(d.class_balanced),
+                pin_memory=pin_memory)
+        if p.batch_size < 1 or p.interleave < 1 or p.prefetch < 1:
+            raise UsageError("train.batch_size, data.interleave, data.prefetch must be >= 1")
         if not 0 <= p.max_bad_fraction <= 1:
             raise UsageError(f"data.max_bad_fraction={p.max_bad_fraction} must be a share in [0, 1]")
         return p
+
+
+def resolve_workers(workers: int, cuda: bool | None = None) -> int:
+    """`data.workers=-1` (auto): on a GPU node, the CPU cores that fall to each local GPU, less one for the
+    training process itself (capped at 16); on a CPU-only machine 2, since the ranks compute there too."""
+    if workers < -1:
+        raise UsageError(f"data.workers={workers}: use -1 (auto), 0 (decode in the training process) or a count")
+    if workers >= 0:
+        return workers
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(1, torch.cuda.device_count())
+    return max(1, min(16, cores // local - 1))
 
 
 def _worker() -> tuple[int, int]:
@@ -156,8 +174,26 @@ class TrainStream(IterableDataset):
         self.class_counts = dict(spec.class_counts.get("train", {}))
         self.image, self.params = image, params
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.skip = 0  # batches of this epoch already consumed (resume)
+        # (epoch, batches to skip) in shared memory: persistent DataLoader workers keep their copy of this
+        # object across epochs, and read where to start from here at each new iteration
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = int(value)
+
+    @property
+    def skip(self) -> int:
+        """Batches of this epoch already consumed (resume)."""
+        return int(self._position[1])
+
+    @skip.setter
+    def skip(self, value: int) -> None:
+        self._position[1] = int(value)
 
     def layout(self, epoch: int | None = None) -> TrainLayout:
         return TrainLayout.build(self.shards, self.params.seed, self.epoch if epoch is None else epoch, self.rank,
@@ -297,13 +333,25 @@ class _Loader:
         self.bad_samples: Counter = Counter()
         self.padded = 0
         self.last_keys: list[str] = []
+        self._loader: DataLoader | None = None
 
     def _dataloader(self) -> DataLoader:
-        w = self.params.workers
-        kw: dict[str, Any] = dict(batch_size=None, num_workers=w)
-        if w > 0:
-            kw.update(timeout=self.params.timeout, prefetch_factor=self.params.prefetch, persistent_workers=False)
-        return DataLoader(self.stream, **kw)
+        """One DataLoader for the loader's life: its workers stay alive between epochs and evaluations
+        (persistent_workers) instead of being forked again, and pin batches when the run is on a GPU."""
+        if self._loader is None:
+            w = self.params.workers
+            kw: dict[str, Any] = dict(batch_size=None, num_workers=w, pin_memory=self.params.pin_memory)
+            if w > 0:
+                kw.update(timeout=self.params.timeout, prefetch_factor=self.params.prefetch, persistent_workers=True)
+            self._loader = DataLoader(self.stream, **kw)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they would otherwise live until this object is collected)."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader = None
 
     def _batches(self) -> Iterator[Any]:
         """The DataLoader's batches, with its bare timeout error turned into one that says what to do."""
@@ -410,9 +458,9 @@ class EvalLoader(_Loader):
 
 
 def make_train_loader(cfg: DictConfig, rank: int, world_size: int, spec: DataSpec | None = None,
-                      batch_size: int | None = None) -> TrainLoader:
+                      batch_size: int | None = None, pin_memory: bool = False) -> TrainLoader:
     spec = spec or DataSpec.from_config(cfg)
-    params = StreamParams.from_config(cfg, batch_size)
+    params = StreamParams.from_config(cfg, batch_size, pin_memory)
     if not spec.train_shards:
         raise UsageError(f"'{spec.source}' has no train shards")
     if params.class_balanced and not spec.class_counts.get("train"):
@@ -427,7 +475,7 @@ def make_train_loader(cfg: DictConfig, rank: int, world_size: int, spec: DataSpe
 
 
 def make_eval_loader(cfg: DictConfig, rank: int, world_size: int, spec: DataSpec | None = None,
-                     batch_size: int | None = None) -> EvalLoader:
+                     batch_size: int | None = None, pin_memory: bool = False) -> EvalLoader:
     spec = spec or DataSpec.from_config(cfg)
-    params = StreamParams.from_config(cfg, batch_size)
+    params = StreamParams.from_config(cfg, batch_size, pin_memory)
     return EvalLoader(EvalStream(spec, ImageConfig.from_config(cfg), params, rank, world_size), params)

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mycodist.data.loaders import make_eval_loader, make_train_loader
+from mycodist.data.loaders import make_eval_loader, make_train_loader, resolve_workers
 from mycodist.data.spec import DataSpec
 
 
@@ -58,7 +58,7 @@ def run_plan(cfg: DictConfig, spec: DataSpec, world_size: int, epochs: int = 1,
 
 
 def summarise(cfg: DictConfig, spec: DataSpec, world_size: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    workers, batch = int(cfg.data.workers), int(cfg.train.batch_size)
+    workers, batch = resolve_workers(int(cfg.data.workers)), int(cfg.train.batch_size)
     warnings: list[str] = []
     epochs = []
     for e in range(len(ranks[0]["epochs"])):

@@ -34,6 +34,14 @@ from mycodist.errors import UsageError
 OUTPUTS = ("float", "uint8")
 
 
+def resolve_output(output: str) -> str:
+    """`data.output=auto`: uint8 batches when a GPU will normalise them (4x fewer bytes through pinned memory
+    and PCIe), normalised float on a CPU-only machine, where the workers do that work instead."""
+    if output == "auto":
+        return "uint8" if torch.cuda.is_available() else "float"
+    return output
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """The `data.*` augmentation keys, resolved once and passed to workers."""
@@ -66,7 +74,7 @@ class ImageConfig:
                  hflip=float(d.hflip), color_jitter=float(d.color_jitter),
                  mean=_triple(d.mean, "data.mean"), std=_triple(d.std, "data.std"),
                  mixup_alpha=float(d.mixup_alpha), cutmix_alpha=float(d.cutmix_alpha),
-                 mixup_prob=float(d.mixup_prob), output=str(d.output), channels_last=bool(d.channels_last),
+                 mixup_prob=float(d.mixup_prob), output=resolve_output(str(d.output)), channels_last=bool(d.channels_last),
                  eval_crop=float(d.eval_crop), draft=bool(d.draft),
                  reducing_gap=float(d.get("reducing_gap", cls.reducing_gap)))
         ic.check()
@@ -82,7 +90,7 @@ class ImageConfig:
         if not (0 < self.eval_crop <= 1):
             raise UsageError(f"data.eval_crop={self.eval_crop} must be in (0, 1], e.g. 0.875")
         if self.output not in OUTPUTS:
-            raise UsageError(f"data.output='{self.output}' must be one of {OUTPUTS}")
+            raise UsageError(f"data.output='{self.output}' must be one of auto, {', '.join(OUTPUTS)}")
         if self.reducing_gap != 0 and self.reducing_gap < 1:
             raise UsageError(f"data.reducing_gap={self.reducing_gap} must be 0 (off) or >= 1, e.g. 2.0")
         if min(self.std) <= 0:

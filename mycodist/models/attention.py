@@ -109,7 +109,7 @@ def choose_backend(
         order = ("sdpa",)  # CPU: SDPA's flash kernel beats eager flex (which materialises scores)
     choice = next(b for b in order if why_unavailable(b, device_type, dtype, head_dim, dropout, mask) is None)
     key = (choice, device_type, dtype, mask.spec.kind if mask is not None else "dense")
-    if key not in _logged_choices:
+    if key not in _logged_choices and not torch.compiler.is_compiling():  # logging would break a graph
         _logged_choices.add(key)
         log.info("attention=auto chose %s for %s %s (mask %s)", choice, device_type, dtype, key[3])
     return choice
@@ -176,6 +176,7 @@ def sdpa_attention(
 
 
 _compiled_flex: Callable | None = None
+FLEX_COMPILE: dict = {"dynamic": None}  # see _flex_fn
 
 
 def _flex_fn(compiled: bool) -> Callable:
@@ -186,7 +187,9 @@ def _flex_fn(compiled: bool) -> Callable:
     if not compiled:
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # dynamic=None: the first new shape (e.g. a smaller last eval batch) recompiles once with dynamic
+        # sizes, instead of once per new batch size until the recompile limit drops to eager
+        _compiled_flex = torch.compile(flex_attention, **FLEX_COMPILE)
     return _compiled_flex
 
 
@@ -260,15 +263,22 @@ class Attention(nn.Module):
         self.sdpa_kernel = sdpa_kernel
         self.flex_compile = flex_compile
         self.attn_drop = attn_drop
+        self.kernel: str | None = None  # `backend` resolved for one device/dtype by `resolve` (None: per call)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def resolve(self, device_type: str, dtype: torch.dtype, mask: TokenMask | None) -> str:
+        """Choose the kernel once for the device and compute dtype the model will run in (as timm's
+        `fused_attn`), so forward does no choosing or logging: nothing to break a compiled graph."""
+        self.kernel = choose_backend(self.backend, device_type, dtype, self.head_dim, self.attn_drop > 0, mask)
+        return self.kernel
 
     def forward(self, x: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         dropout_p = self.attn_drop if self.training else 0.0
-        backend = choose_backend(self.backend, x.device.type, qkv.dtype, self.head_dim, dropout_p > 0, mask)
+        backend = self.kernel or choose_backend(self.backend, x.device.type, qkv.dtype, self.head_dim, dropout_p > 0, mask)
         if backend == "flash_attn":
             out = flash_attn_qkvpacked()(qkv, dropout_p=dropout_p, softmax_scale=self.scale)  # (B, N, H, D)
             return self.proj_drop(self.proj(out.reshape(B, N, C)))

@@ -234,6 +234,14 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    def resolve_attention(self, device_type: str, dtype: torch.dtype) -> str:
+        """Fix every block's attention kernel for this device and compute dtype (call after choosing where the
+        model runs, before torch.compile); returns the kernel. `model.attention=auto` logs its choice here."""
+        grid = self.patch_embed.grid_size
+        mask = self.token_mask(grid)
+        kernels = {blk.attn.resolve(device_type, dtype, mask) for blk in self.blocks}
+        return kernels.pop() if len(kernels) == 1 else ",".join(sorted(kernels))
+
     def token_mask(self, grid: tuple[int, int]) -> TokenMask | None:
         """The attention mask for this resolution (None for full attention)."""
         mask = self.masks.get(self.num_prefix_tokens, grid)

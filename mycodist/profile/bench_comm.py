@@ -82,7 +82,7 @@ def _make_op(op: str, nbytes: int, n: int, dtype: Any, device: Any) -> tuple[Cal
     import torch
     import torch.distributed as dist
 
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = torch.empty((), dtype=dtype, device="cpu").element_size()
     count = max(nbytes // elt // n, 1) * n  # divisible by n for the scatter/gather forms
     if op == "all_reduce":
         t = torch.ones(count, dtype=dtype, device=device)

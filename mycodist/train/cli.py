@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
-from mycodist.train.engines import ENGINES, PRECISIONS
+from mycodist.train.engines import ENGINES, resolve_precision
 
 LAUNCHERS = ("accelerate", "deepspeed", "torchrun")
 
@@ -62,10 +62,8 @@ def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_arg
     launcher = launcher or pick_launcher(cfg)
     if launcher not in LAUNCHERS:
         raise UsageError(f"--launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
-    precision = cfg.train.precision
-    if precision not in PRECISIONS:
-        raise UsageError(f"train.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     cpu = gpus == 0
+    precision = resolve_precision(str(cfg.train.precision), "cpu" if cpu else "cuda")
     env: dict[str, str] = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))} if cpu else {}
     py = sys.executable
     script = str(entry_script())

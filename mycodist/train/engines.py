@@ -9,8 +9,11 @@ import contextlib
 import importlib
 import json
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,7 +22,7 @@ from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,11 +55,63 @@ def choose_engine(cfg: DictConfig) -> str:
     return "accelerate"
 
 
+def default_precision(device_type: str) -> str:
+    """`train.precision=auto`: bf16 autocast on CUDA (fp16 on cards without bf16), fp32 on the CPU."""
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+_LAUNCHER_PRECISION = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_precision(requested: str, device_type: str, launcher: str | None = None,
+                      launcher_name: str = "the launcher") -> str:
+    """One precision for the run. `auto` follows the launcher's own setting when it has one (accelerate's
+    `mixed_precision`, a DeepSpeed template's bf16/fp16 `enabled`), else the device default; an explicit
+    `train.precision` wins over the launcher, with a warning when the two disagree (never silently)."""
+    if requested not in PRECISIONS:
+        raise UsageError(f"train.precision={requested!r} is not one of {', '.join(PRECISIONS)}")
+    theirs = _LAUNCHER_PRECISION.get(str(launcher).lower()) if launcher else None
+    if requested == "auto":
+        return theirs or default_precision(device_type)
+    if theirs is not None and theirs != requested:
+        warnings.warn(f"{launcher_name} asks for {theirs} but train.precision={requested}: training in "
+                      f"{requested} (set train.precision=auto to follow {launcher_name})", UserWarning, stacklevel=2)
+    return requested
+
+
 def check_precision(cfg: DictConfig) -> str:
-    p = cfg.train.precision
-    if p not in PRECISIONS:
-        raise UsageError(f"train.precision={p!r} is not one of {', '.join(PRECISIONS)}")
-    return p
+    """The run's precision, resolved for the device this process will train on."""
+    return resolve_precision(str(cfg.train.precision), "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def enable_tf32(device: torch.device) -> None:
+    """What stays fp32 on CUDA (fp32 runs, the loss, the optimizer) uses TF32 tensor cores: on Hopper plain
+    fp32 matmuls would run at ~1/15 of the TF32 rate. A no-op on the CPU."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def pick_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this process. A scheduler that gives each task its own GPU through
+    CUDA_VISIBLE_DEVICES leaves one visible device whatever LOCAL_RANK says: use device 0 then."""
+    if visible < 1:
+        raise RuntimeError("no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES)")
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise UsageError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                         f"one process per visible GPU on each node")
+    return local_rank
+
+
+def _caller() -> str:
+    """`function (file:line)` of whoever called the collective helper that calls this."""
+    f = sys._getframe(2)
+    return f"{f.f_code.co_name} ({Path(f.f_code.co_filename).name}:{f.f_lineno})"
 
 
 def check_world(world_size: int) -> None:
@@ -76,7 +131,7 @@ class Engine:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.precision = check_precision(cfg)
+        self.precision = check_precision(cfg)  # subclasses may follow their launcher's setting
         self.grad_accum = max(1, int(cfg.train.grad_accum))
         self.clip_grad = float(cfg.train.clip_grad)
         self.zero_stage = 0
@@ -99,6 +154,11 @@ class Engine:
         """DeepSpeed bf16/fp16 keeps the weights in low precision and does not autocast the inputs."""
         return torch.float32
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model's matmuls and attention run in (autocast or low-precision weights)."""
+        return DTYPES[self.precision]
+
     # --- setup ---------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
         raise NotImplementedError
@@ -116,28 +176,44 @@ class Engine:
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         raise NotImplementedError
 
-    def step(self) -> float | None:
-        """Clip, optimizer step, zero grads; returns the global grad norm before clipping when known."""
+    def step(self) -> torch.Tensor | float | None:
+        """Clip, optimizer step, zero grads; returns the global grad norm before clipping when known, left
+        where it is (a device tensor): the loop reads it back only at log steps."""
         raise NotImplementedError
+
+    def compile(self) -> None:
+        """torch.compile after the engine has wrapped the model: every parameter group, the EMA and the
+        engine already hold the plain module's names. DDP engines compile each transformer block in place
+        (`nn.Module.compile` keeps state-dict names; per-block graphs keep DDP's bucketed overlap)."""
+        compile_in_place(self.module)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
     # --- collectives -----------------------------------------------------------------
+    # Rule: a collective's tensor lives on the engine's device (NCCL rejects CPU tensors), and a collective is
+    # issued whenever a process group exists, also at world size 1, so a one-GPU run exercises the same path.
+    def check_on_device(self, t: torch.Tensor, caller: str | None = None) -> None:
+        if t.device.type != self.device.type or (t.device.index or 0) != (self.device.index or 0):
+            raise RuntimeError(f"{caller or _caller()}: a collective got a tensor on {t.device}, but this engine's "
+                               f"process group ({_backend(self.device)}) needs tensors on {self.device}; build it with "
+                               f"device=engine.device")
+
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+        self.check_on_device(t, _caller())
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t)
         return t
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
-            out: list[Any] = [None] * self.world_size
-            dist.all_gather_object(out, obj)
+        if dist.is_available() and dist.is_initialized():
+            out: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)  # pickles through tensors on the current CUDA device (NCCL) itself
             return out
         return [obj]
 
@@ -194,14 +270,35 @@ def _deepspeed_comm_profile(ds_engine: Any) -> dict[str, Any]:
     it may keep gathered parameters from forward into backward (the theory assumes it does not)."""
     stage = int(ds_engine.zero_optimization_stage())
     dtype = ds_engine.communication_data_type
-    return {"engine": f"zero{stage}", "dtype_bytes": torch.empty(0, dtype=dtype).element_size(),
+    return {"engine": f"zero{stage}", "dtype_bytes": torch.empty(0, dtype=dtype, device="cpu").element_size(),
             "persistence_threshold": int(ds_engine.zero_param_persistence_threshold()) if stage == 3 else 0,
             "max_reuse_distance": int(ds_engine.zero_max_reuse_distance()) if stage == 3 else 0, "ddp": None}
 
 
-def _torch_adamw(cfg: DictConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups, lr=float(cfg.train.lr), betas=tuple(cfg.train.betas),
-                             weight_decay=float(cfg.train.weight_decay))
+def compile_in_place(module: torch.nn.Module) -> None:
+    """Compile each transformer block (or the whole module when it has no `blocks`) in place."""
+    blocks = getattr(module, "blocks", None)
+    for m in (blocks if blocks is not None else [module]):
+        m.compile()
+
+
+def make_optimizer(cfg: DictConfig, param_groups: list[dict], cpu_offload: bool = False,
+                   device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW over our groups. With ZeRO optimizer offload on CUDA the step runs on the host: DeepSpeed's
+    vectorised CPU Adam there (torch AdamW on the CPU is several times slower); on a CPU-only machine
+    torch AdamW avoids compiling DeepSpeed's op (~35 s, 2 GB) for no gain."""
+    kw = dict(lr=float(cfg.train.lr), betas=tuple(cfg.train.betas), weight_decay=float(cfg.train.weight_decay))
+    if cpu_offload and device_type == "cuda":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(param_groups, **kw)
+
+
+def optimizer_offloaded(ds: dict) -> bool:
+    """Whether a DeepSpeed config offloads the optimizer to the CPU."""
+    off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return str(off.get("device", "none")).lower() == "cpu"
 
 
 def _backend(device: torch.device) -> str:
@@ -211,8 +308,11 @@ def _backend(device: torch.device) -> str:
 def _pick_device() -> tuple[torch.device, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), local_rank
+        index = pick_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+        enable_tf32(device)
+        return device, local_rank
     return torch.device("cpu"), local_rank
 
 
@@ -224,8 +324,11 @@ class TorchDDPEngine(Engine):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         self.device, self.local_rank = _pick_device()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group(_backend(self.device))
+        # under a launcher (MASTER_ADDR set) the group exists at any world size, one rank included: a one-GPU
+        # run then issues the same NCCL collectives as an 8-GPU one (and fails the same way if one is wrong)
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "MASTER_ADDR" in os.environ
+        if launched and not dist.is_initialized():
+            dist.init_process_group(_backend(self.device), device_id=self.device if self.device.type == "cuda" else None)
         if dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         check_world(self.world_size)
@@ -234,7 +337,7 @@ class TorchDDPEngine(Engine):
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
         model.to(self.device)
         self.module = model
-        self.optimizer = _torch_adamw(self.cfg, param_groups)
+        self.optimizer = make_optimizer(self.cfg, param_groups)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -256,7 +359,7 @@ class TorchDDPEngine(Engine):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, ckpt_dir: Path) -> None:
         if self.is_main:
@@ -305,6 +408,8 @@ class AccelerateEngine(Engine):
         from accelerate.utils import InitProcessGroupKwargs
 
         cpu = not torch.cuda.is_available()
+        self.precision = resolve_precision(str(cfg.train.precision), "cpu" if cpu else "cuda",
+                                           os.environ.get("ACCELERATE_MIXED_PRECISION"), "accelerate's mixed_precision")
         self.uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         if self.uses_deepspeed:
             if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
@@ -322,7 +427,8 @@ class AccelerateEngine(Engine):
         )
         acc = self.accelerator
         self.rank, self.world_size, self.local_rank = acc.process_index, acc.num_processes, acc.local_process_index
-        self.device = acc.device
+        self.device = acc.device  # accelerate maps local rank → visible GPU itself (modulo the visible count)
+        enable_tf32(self.device)
         check_world(self.world_size)
         if self.uses_deepspeed:
             plugin = acc.state.deepspeed_plugin
@@ -331,8 +437,12 @@ class AccelerateEngine(Engine):
             ds["train_micro_batch_size_per_gpu"] = int(cfg.train.batch_size)
             ds["gradient_accumulation_steps"] = self.grad_accum
             ds["train_batch_size"] = int(cfg.train.batch_size) * self.grad_accum * self.world_size
-            if ds.get("gradient_clipping", "auto") in ("auto", None) or "gradient_clipping" not in ds:
-                ds["gradient_clipping"] = self.clip_grad
+            pinned = ds.get("gradient_clipping", "auto")
+            if pinned not in ("auto", None) and float(pinned) != self.clip_grad:
+                warnings.warn(f"accelerate's DeepSpeed config pins gradient_clipping={pinned}; train.clip_grad="
+                              f"{self.clip_grad} is what this run uses (drop the key from the accelerate config to "
+                              f"silence this)", UserWarning, stacklevel=2)
+            ds["gradient_clipping"] = self.clip_grad
             ds["steps_per_print"] = 1 << 30
 
     @property
@@ -340,9 +450,16 @@ class AccelerateEngine(Engine):
         return DTYPES[self.precision] if self.uses_deepspeed else torch.float32
 
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
-        optimizer = _torch_adamw(self.cfg, param_groups)
+        offload = self.uses_deepspeed and optimizer_offloaded(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        optimizer = make_optimizer(self.cfg, param_groups, offload, self.device.type)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.module = self.accelerator.unwrap_model(self.model)
+
+    def compile(self) -> None:
+        if self.uses_deepspeed:
+            self.model.compile()  # DeepSpeedEngine.compile: in place on its module, ZeRO hooks handled
+        else:
+            compile_in_place(self.module)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.accelerator.autocast()
@@ -360,7 +477,7 @@ class AccelerateEngine(Engine):
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return None if norm is None else float(norm)
+        return norm
 
     def comm_profile(self) -> dict[str, Any]:
         if self.uses_deepspeed:
@@ -386,19 +503,34 @@ class AccelerateEngine(Engine):
             dist.destroy_process_group()
 
 
-def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
+def _read_template(cfg: DictConfig) -> dict:
+    path = Path(cfg.train.deepspeed_config)
+    if not path.is_file():
+        raise UsageError(f"train.deepspeed_config: no such file '{path}' (see configs/deepspeed/)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"train.deepspeed_config '{path}' is not valid JSON: {e}") from None
+
+
+def template_precision(cfg: DictConfig, device_type: str) -> str:
+    """The run's precision under a DeepSpeed template: an explicit bf16/fp16 `enabled` in the template is the
+    launcher's setting (followed by `auto`, overruled with a warning by an explicit train.precision)."""
+    theirs = None
+    if cfg.train.deepspeed_config:
+        ds = _read_template(cfg)
+        flags = {name: ds.get(name, {}).get("enabled", "auto") for name in ("bf16", "fp16")}
+        if any(v not in ("auto", None) for v in flags.values()):
+            theirs = next((name for name, v in flags.items() if v is True), "fp32")
+    return resolve_precision(str(cfg.train.precision), device_type, theirs, f"{cfg.train.deepspeed_config}")
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int, precision: str | None = None) -> dict:
     """Our keys → a DeepSpeed config; a template (train.deepspeed_config) may fix anything, "auto" fields
     in it are filled from ours so the two never disagree silently."""
     t = cfg.train
-    ds: dict[str, Any] = {}
-    if t.deepspeed_config:
-        path = Path(t.deepspeed_config)
-        if not path.is_file():
-            raise UsageError(f"train.deepspeed_config: no such file '{path}' (see configs/deepspeed/)")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"train.deepspeed_config '{path}' is not valid JSON: {e}") from None
+    precision = precision or check_precision(cfg)
+    ds: dict[str, Any] = _read_template(cfg) if t.deepspeed_config else {}
     if t.offload not in ("none", "cpu"):
         raise UsageError(f"train.offload={t.offload!r} must be none or cpu")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -419,11 +551,11 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
         if zero["stage"] == 3:
             zero["offload_param"] = {"device": "cpu"}
-    # our optimizer is torch AdamW (no compiled op); DeepSpeed accepts it with offload only when told
+    # with offload on CUDA our optimizer is DeepSpeedCPUAdam (make_optimizer); on a CPU-only machine it is torch
+    # AdamW, which DeepSpeed accepts with offload only when told
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
     for name in ("bf16", "fp16"):
-        section = ds.setdefault(name, {})
-        fill(section, "enabled", t.precision == name)
+        ds.setdefault(name, {})["enabled"] = precision == name  # resolved: template_precision warned if it differed
     if ds["fp16"]["enabled"]:
         fill(ds["fp16"], "loss_scale", 0)
     return ds
@@ -443,7 +575,8 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=_backend(self.device))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         check_world(self.world_size)
-        self.ds_config = deepspeed_config(cfg, self.world_size)
+        self.precision = template_precision(cfg, self.device.type)
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.precision)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
 
@@ -457,10 +590,15 @@ class DeepSpeedEngine(Engine):
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
         import deepspeed
 
-        optimizer = _torch_adamw(self.cfg, param_groups)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+        optimizer = make_optimizer(self.cfg, param_groups, optimizer_offloaded(self.ds_config), self.device.type)
+        # device_rank: DeepSpeed would otherwise pick cuda:LOCAL_RANK, wrong with one GPU per task
+        args = SimpleNamespace(device_rank=self.device.index if self.device.type == "cuda" else -1)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
                                                                 config=self.ds_config)
         self.module = self.model.module
+
+    def compile(self) -> None:
+        self.model.compile()  # DeepSpeedEngine.compile: in place on its module, ZeRO hooks handled
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         self.model.backward(loss)
@@ -469,8 +607,7 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> float | None:
         self.model.step()
-        norm = self.model.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        return self.model.get_global_grad_norm()
 
     def comm_profile(self) -> dict[str, Any]:
         return _deepspeed_comm_profile(self.model)

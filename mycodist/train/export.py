@@ -76,9 +76,43 @@ def export_weights(ckpt: Path, cfg: DictConfig) -> tuple[dict[str, torch.Tensor]
     if cfg.train.ema_decay > 0:
         state = torch.load(ck.trainer_state_file(ckpt, 0), map_location="cpu", weights_only=False)
         if state.get("ema"):
-            weights.update({k: v.float() for k, v in state["ema"].items()})
-            return weights, "ema"
+            ema = {_strip(k): v for k, v in state["ema"].items()}
+            if set(ema) != set(weights):
+                raise UsageError(f"checkpoint {ckpt}: its EMA weights do not name the model's parameters "
+                                 f"(e.g. {sorted(set(ema) ^ set(weights))[:3]}); export with train.ema_decay=0 "
+                                 "to take the model's own weights")
+            return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in ema.items()}, "ema"
     return weights, "model"
+
+
+def export_device(requested: str | torch.device | None = None) -> torch.device:
+    """Where export runs its forwards: the training device when given (rank 0's GPU right after training),
+    else a GPU when there is one: fitting the OOD statistics means a forward over up to OOD_MAX_TRAIN photos."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def runnable_attention(cfg: DictConfig, device: torch.device) -> DictConfig:
+    """The model config with an attention backend that can run on `device` in fp32 (export's forwards, and
+    the serving machine, which may have no GPU): a backend that cannot run there falls back to `auto`, with a
+    log line. The kernel is a runtime choice; masks (the model's semantics) are kept."""
+    from omegaconf import OmegaConf
+
+    from mycodist.models.attention import why_unavailable
+
+    backend = str(cfg.model.attention)
+    if backend == "auto":
+        return cfg
+    # export runs in fp32 (the weights' own precision): flash-attn, which needs fp16/bf16 on CUDA, never can
+    reason = why_unavailable(backend, device.type, torch.float32, 64, False, None)
+    if reason is None:
+        return cfg
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.model.attention = "auto"
+    log.warning("export: model.attention=%s cannot run here (%s); exporting with model.attention=auto (same "
+                "results: the kernel is chosen where the model runs)", backend, reason)
+    return cfg
 
 
 @torch.no_grad()
@@ -95,18 +129,23 @@ def split_outputs(model: torch.nn.Module, cfg: DictConfig, split: str = "val",
     if split == "train":
         spec = dataclasses.replace(spec, val_shards=list(spec.train_shards))
     feats, logits, labels, seen = [], [], [], 0
-    for images, y, _ in make_eval_loader(cfg, 0, 1, spec=spec):
+    device = next(model.parameters()).device
+    loader = make_eval_loader(cfg, 0, 1, spec=spec, pin_memory=device.type == "cuda")
+    for images, y, _ in loader:
+        images = images.to(device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = normalize(images, tuple(cfg.data.mean), tuple(cfg.data.std))
         f, z = ood.features_and_logits(model, images.float())
-        feats.append(f)
-        logits.append(z)
+        feats.append(f.float().cpu())
+        logits.append(z.float().cpu())
         labels.append(y.long())
         seen += len(y)
         if limit is not None and seen >= limit:
             break
+    loader.close()
     if not logits:
-        return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, 0, device="cpu")
+        return empty, empty, torch.zeros(0, dtype=torch.long, device="cpu")
     return torch.cat(feats), torch.cat(logits), torch.cat(labels)
 
 
@@ -141,8 +180,10 @@ def fit_feature_ood(model: torch.nn.Module, cfg: DictConfig, val_feats: torch.Te
     return stats, meta
 
 
-def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None = None) -> Path:
-    """Write RUN_DIR/export from `ckpt` (default: the newest complete checkpoint); returns the folder."""
+def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None = None,
+               device: str | torch.device | None = None) -> Path:
+    """Write RUN_DIR/export from `ckpt` (default: the newest complete checkpoint); returns the folder.
+    The forwards (calibration, OOD statistics) run on `device` (default: a GPU when there is one)."""
     from safetensors.torch import save_file
 
     from mycodist.models import build_model
@@ -161,9 +202,11 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
 
     labels = load_class_indices(labels_file)
     weights, which = export_weights(ckpt, cfg)
+    dev = export_device(device)
+    cfg = runnable_attention(cfg, dev)
     model = build_model(cfg.model, len(labels))
     model.load_state_dict(weights, strict=True)
-    model.eval()
+    model.to(dev).eval()
     val_feats, logits, y = split_outputs(model, cfg, "val")
     calibration: dict[str, Any] = calibration_summary(logits, y) if len(y) else {"temperature": 1.0}
     calibration.update({"weights": which, "checkpoint": str(ckpt), "step": ck.read_meta(ckpt)["step"]})
@@ -173,7 +216,7 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
     tmp = run_dir / f".tmp-{EXPORT_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE),
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE),
               metadata={"format": "pt", "model": str(cfg.model.name), "num_classes": str(len(labels))})
     save_config(cfg, tmp)
     for name in (CLASS_INDICES, SPECIES):

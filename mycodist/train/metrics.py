@@ -28,8 +28,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
         return 0.0
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
+    edges = torch.linspace(0, 1, bins + 1, device=probs.device)
+    ece = torch.zeros((), device=probs.device)
     for lo, hi in zip(edges[:-1], edges[1:], strict=False):
         in_bin = (conf > lo) & (conf <= hi)
         if in_bin.any():
@@ -42,7 +42,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100
     if len(labels) == 0:
         return 1.0
     logits = logits.detach().double()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    log_t = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -68,7 +68,7 @@ def ood_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 def quantiles(x: torch.Tensor, qs: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 0.9)) -> dict[str, float]:
     if len(x) == 0:
         return {}
-    v = torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64))
+    v = torch.quantile(x.double(), torch.tensor(qs, dtype=torch.float64, device=x.device))
     return {f"q{round(q * 100):02d}": float(a) for q, a in zip(qs, v, strict=False)}
 
 

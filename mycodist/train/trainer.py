@@ -9,6 +9,7 @@ outside its windows it hands back shared null contexts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,8 +38,9 @@ from mycodist.train.ema import WeightEma
 from mycodist.train.engines import Engine, make_engine
 from mycodist.train.metrics import classification_report
 from mycodist.train.schedule import make_schedule
+from mycodist.train.timing import PHASES, PhaseClock
 
-StepHook = Callable[[int, dict[str, float]], None]
+StepHook = Callable[[int, dict[str, float]], None]  # (step, {"total": host seconds})
 LOG_FILE = "train_log.jsonl"
 EVAL_DIR = "eval"
 FINAL_LOGITS = "final_logits.pt"
@@ -93,17 +95,22 @@ class Trainer:
 
         seed_all(int(cfg.seed))  # same init on every rank
         model = build_model(cfg.model, self.num_classes)
-        if cfg.train.compile:
-            model = torch.compile(model)
+        model.resolve_attention(e.device.type, e.compute_dtype)  # once, here: never inside a compiled forward
+        # groups, EMA and the engine see the plain module's names; compile comes after wrapping
         groups = build_param_groups(model, cfg)
         # before prepare: ZeRO-3 partitions the parameters in place (numel 0 afterwards)
         param_numels = [p.numel() for p in model.parameters() if p.requires_grad]
         group_numels = [sum(p.numel() for p in g["params"] if p.requires_grad) for g in groups]
         e.prepare(model, groups)
+        self.ema = WeightEma(e.module, float(cfg.train.ema_decay), e.zero_stage) if cfg.train.ema_decay > 0 else None
+        if cfg.train.compile:
+            e.compile()
         self.profiler = self._make_profiler(param_numels, group_numels)
         seed_all(int(cfg.seed) + 1000 * (e.rank + 1))  # drop-path / augmentation differ per rank
 
-        self.train_loader = make_train_loader(cfg, e.rank, e.world_size, spec=self.spec)
+        self.train_loader = make_train_loader(cfg, e.rank, e.world_size, spec=self.spec,
+                                              pin_memory=e.device.type == "cuda")
+        self._eval_loader: Any = None  # built once, at the first evaluation (its workers then stay alive)
         self.steps_per_epoch = len(self.train_loader) // e.grad_accum
         if self.steps_per_epoch == 0:
             raise UsageError(f"an epoch has {len(self.train_loader)} batch(es) per rank, fewer than "
@@ -112,7 +119,6 @@ class Trainer:
         self.total_steps = int(t.max_steps) if t.max_steps > 0 else int(t.epochs) * self.steps_per_epoch
         self.global_batch = int(t.batch_size) * e.grad_accum * e.world_size
         self.schedule = make_schedule(cfg, self.global_batch, self.steps_per_epoch, self.total_steps)
-        self.ema = WeightEma(e.module, float(t.ema_decay), e.zero_stage) if t.ema_decay > 0 else None
         self.step = 0
         self._resume_loader_state: dict | None = None
         self.board = Board(self.run_dir / "tb" if e.is_main and t.tb else None)
@@ -206,8 +212,8 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
-        """A loader batch on the device in the engine's input dtype; uint8 batches (data.output=uint8,
-        4x less to copy) are normalised here, after the copy."""
+        """A loader batch on the device in the engine's input dtype; uint8 batches (data.output=uint8, the
+        default on CUDA: 4x less to copy) are normalised here, on the device, after the (pinned) copy."""
         e = self.engine
         images = images.to(e.device, non_blocking=True)
         if images.dtype == torch.uint8:
@@ -216,10 +222,24 @@ class Trainer:
             images = normalize(images, tuple(self.cfg.data.mean), tuple(self.cfg.data.std))
         return images.to(e.input_dtype)
 
+    def next_batch(self, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = next(batches)[:2]
+        return self.model_input(images), targets.to(self.engine.device, non_blocking=True)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Any:
+        """One timed phase of the step: the loop's clock, and the collective profiler's phase."""
+        self.clock.mark(name)
+        with self.profiler.phase(name if name != "step" else "optimizer"):
+            yield
+
     # --- the step loop ----------------------------------------------------------------------------
     def train_loop(self) -> None:
         """Run optimizer steps until total_steps: per step, grad_accum micro-batches of
-        data wait → forward → backward, then the optimizer step; log, evaluate, checkpoint."""
+        data wait → forward → backward, then the optimizer step; log, evaluate, checkpoint.
+
+        Nothing here reads a device value back to the host except at log, eval and checkpoint steps:
+        the loss is summed on the device and the grad norm stays a device tensor until `log_step`."""
         e, t = self.engine, self.cfg.train
         model = e.model
         model.train()
@@ -227,62 +247,43 @@ class Trainer:
         smoothing = float(t.label_smoothing)
         bar = self._progress_bar()
         epoch, batches = -1, iter(())
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro-batch losses, count) since last log
-        window = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0, "total": 0.0, "images": 0}
-        prof = self.profiler
+        self.clock = PhaseClock(e.device)
+        self.loss_sum = torch.zeros(2, dtype=torch.float64, device=e.device)  # (sum of micro losses, count)
+        self.images_seen = 0
+        grad_norm, lr = None, 0.0
         while self.step < self.total_steps:
-            phase = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
             t_start = time.perf_counter()
-            images_in_step = 0
-            with prof.step(self.step):  # a null context outside profiling windows
+            with self.profiler.step(self.step):  # a null context outside profiling windows
                 for micro in range(e.grad_accum):
-                    t0 = time.perf_counter()
-                    with prof.phase("data"):
+                    with self.phase("data"):
                         if self.step // self.steps_per_epoch != epoch:  # epoch boundary (equal on all ranks)
                             epoch = self.step // self.steps_per_epoch
                             batches = self._epoch_iterator(epoch)
-                        images, targets = next(batches)[:2]
-                        images = self.model_input(images)
-                        targets = targets.to(e.device, non_blocking=True)
-                    t1 = time.perf_counter()
+                        images, targets = self.next_batch(batches)
                     is_last = micro == e.grad_accum - 1
                     with e.micro_step(is_last):
-                        with prof.phase("forward"):
+                        with self.phase("forward"):
                             with e.autocast():
                                 logits = model(images)
                             loss = soft_or_hard_loss(logits, targets, smoothing)
-                        t2 = time.perf_counter()
-                        with prof.phase("backward"):
+                        with self.phase("backward"):
                             e.backward(loss, is_last)
-                    t3 = time.perf_counter()
-                    loss_sum[0] += loss.detach().double().cpu()
-                    loss_sum[1] += 1
-                    images_in_step += len(images)
-                    phase["data"] += t1 - t0
-                    phase["forward"] += t2 - t1
-                    phase["backward"] += t3 - t2
-                t4 = time.perf_counter()
-                with prof.phase("optimizer"):
+                    self.loss_sum += torch.stack([loss.detach().double(), self.loss_sum.new_ones(())])
+                    self.images_seen += images.shape[0] * e.world_size
+                with self.phase("step"):
                     lr = self.schedule.lr(self.step)
                     e.set_lr(lr)
                     grad_norm = e.step()
                     if self.ema:
                         self.ema.update(e.module, self.step)
-                phase["step"] = time.perf_counter() - t4
-            phase["total"] = time.perf_counter() - t_start
+                self.clock.stop()
             self.step += 1
             for hook in self.step_hooks:
-                hook(self.step, phase)
-            for k in phase:
-                window[k] += phase[k]
-            window["images"] += images_in_step * e.world_size
+                hook(self.step, {"total": time.perf_counter() - t_start})
 
             at_epoch_end = self.step % self.steps_per_epoch == 0
             if self.step % log_every == 0 or self.step == self.total_steps:
-                loss_avg = float(e.all_reduce_sum(loss_sum.clone())[0] / max(1.0, e.world_size * loss_sum[1].item()))
-                self._log_train(lr, loss_avg, grad_norm, window, bar)
-                loss_sum.zero_()
-                window = dict.fromkeys(window, 0.0)
+                self.log_step(lr, grad_norm, bar)
             if bar is not None:
                 bar.update(1)
             if (eval_every and self.step % eval_every == 0) or at_epoch_end or self.step == self.total_steps:
@@ -321,21 +322,30 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                     file=sys.stderr, mininterval=1.0)
 
-    def _log_train(self, lr: float, loss: float, grad_norm: float | None, window: dict[str, float], bar: Any) -> None:
+    def log_step(self, lr: float, grad_norm: torch.Tensor | float | None, bar: Any) -> None:
+        """The only place the step loop reads device values back: the global mean loss (one all-reduce of a
+        device tensor), the grad norm and the phase clock's window (CUDA events)."""
         e = self.engine
+        total, count = e.all_reduce_sum(self.loss_sum.clone()).tolist()
+        loss = total / max(1.0, count)
+        grad = None if grad_norm is None else float(grad_norm)
+        window = self.clock.window()
         secs = max(window["total"], 1e-9)
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "images_per_s": window["images"] / secs,
+                  "grad_norm": grad, "images_per_s": self.images_seen / secs,
                   "data_wait_frac": window["data"] / secs, "mem_gb": memory_gb(e.device),
                   "bad_samples": sum(getattr(self.train_loader, "bad_samples", {}).values())}
+        self.loss_sum.zero_()
+        self.images_seen = 0
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}; lower train.lr or use bf16/fp32")
         self.log_line({"kind": "train", **record})
+        steps = max(1, self.cfg.train.log_every)
         self.board.scalars(self.step, {
-            "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            "train/loss": loss, "train/lr": lr, "train/grad_norm": grad,
             "perf/images_per_s": record["images_per_s"], "perf/data_wait_frac": record["data_wait_frac"],
             "perf/mem_gb": record["mem_gb"], "data/bad_samples": record["bad_samples"],
-            **{f"perf/{k}_s": window[k] / max(1, self.cfg.train.log_every) for k in ("data", "forward", "backward", "step")},
+            **{f"perf/{k}_s": window[k] / steps for k in PHASES},
         })
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
@@ -350,14 +360,17 @@ class Trainer:
         from mycodist.data import make_eval_loader
 
         e = self.engine
-        it = iter(make_eval_loader(self.cfg, e.rank, e.world_size, spec=self.spec))
+        if self._eval_loader is None:
+            self._eval_loader = make_eval_loader(self.cfg, e.rank, e.world_size, spec=self.spec,
+                                                 pin_memory=e.device.type == "cuda")
+        it = iter(self._eval_loader)
         size = int(self.cfg.model.img_size)
-        dummy = torch.zeros(1, 3, size, size)
+        dummy = torch.zeros(1, 3, size, size, device=e.device)
         logits, labels, keys, grid = [], [], [], None
         while True:
             batch = next(it, None)
             if lockstep:
-                more = e.all_reduce_sum(torch.tensor([0.0 if batch is None else 1.0]))
+                more = e.all_reduce_sum(torch.tensor([0.0 if batch is None else 1.0], device=e.device))
                 if more.item() == 0:
                     break
             elif batch is None:
@@ -371,8 +384,9 @@ class Trainer:
                 keys.extend(batch[2])
                 if grid is None:
                     grid = images[: int(self.cfg.train.tb_images)].cpu()
-        local = {"logits": torch.cat(logits) if logits else torch.zeros(0, self.num_classes),
-                 "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), "keys": keys}
+        local = {"logits": torch.cat(logits) if logits else torch.zeros(0, self.num_classes, device="cpu"),
+                 "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device="cpu"),
+                 "keys": keys}
         parts = e.all_gather_object(local)
         return {"logits": torch.cat([p["logits"] for p in parts]), "labels": torch.cat([p["labels"] for p in parts]),
                 "keys": [k for p in parts for k in p["keys"]], "grid": grid}
@@ -381,7 +395,8 @@ class Trainer:
         from mycodist.models import build_model
 
         m = build_model(self.cfg.model, self.num_classes).to(self.engine.device)
-        m.load_state_dict({k: v for k, v in self.ema.state_dict().items()}, strict=False)
+        m.resolve_attention(self.engine.device.type, self.engine.compute_dtype)
+        m.load_state_dict(self.ema.state_dict(), strict=True)
         return m.to(self.engine.input_dtype).eval()
 
     def evaluate(self, final: bool = False) -> dict[str, Any]:
@@ -424,6 +439,12 @@ class Trainer:
         self.last_eval = {name: {k: v for k, v in rep.items() if k not in ("confusion", "per_class_acc")}
                           for name, rep in report.items()}
         return report
+
+    def close_loaders(self) -> None:
+        """Stop the persistent loader workers (train and eval) before export or exit."""
+        for loader in (self.train_loader, self._eval_loader):
+            if loader is not None and hasattr(loader, "close"):
+                loader.close()
 
     # --- consistency -------------------------------------------------------------------------------
     def parameter_digest(self) -> str:
@@ -496,17 +517,19 @@ def run_training(cfg: DictConfig) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = Trainer(cfg)
     engine = trainer.engine
-    is_main = engine.is_main
+    is_main, device = engine.is_main, engine.device
     try:
         trainer.run()
     except BaseException:
         engine.close(clean=False)  # no barrier: the other ranks may be gone
         raise
+    finally:
+        trainer.close_loaders()
     engine.close()
     if is_main and cfg.train.export:
         from mycodist.train.export import export_run
 
-        out = export_run(Path(cfg.train.output_dir))
+        out = export_run(Path(cfg.train.output_dir), device=device)  # rank 0's GPU, not its CPU
         print(f"exported {out}", flush=True)
         print(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tb'} --host 127.0.0.1 --port 6006",
               flush=True)
