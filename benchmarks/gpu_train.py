@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--attention", default="auto")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak dense bf16 TFLOP/s")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the validation script's dry run")
+    p.add_argument("--compile", action="store_true", help="torch.compile both loops (ours: train.compile=true)")
     args = p.parse_args()
 
     import torch
@@ -42,14 +44,20 @@ def main() -> None:
     from mycodist.models.flops import model_stats
     from mycodist.train.trainer import Trainer
 
-    assert torch.cuda.is_available(), "needs a CUDA device"
+    cuda = args.device == "cuda"
+    assert torch.cuda.is_available() or not cuda, "needs a CUDA device (or --device cpu)"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         subprocess.run([sys.executable, "-m", "mycodist", "synth", "--out", str(shards), "--quiet",
                         "synth.species=8", "synth.per_species=20", "synth.size=64"], check=True, cwd=REPO)
         cfg = load_config(None, [f"data.shards={shards}", f"model.name={args.model}", f"model.img_size={args.img}",
                                  f"model.attention={args.attention}", "train.batch_size=8",
-                                 "train.precision=bf16", f"train.output_dir={Path(tmp) / 'run'}", "train.export=false",
+                                 "train.precision=auto", f"train.output_dir={Path(tmp) / 'run'}", "train.export=false",
+                                 f"train.compile={str(args.compile).lower()}",
                                  "train.resume=none", "data.workers=0", "train.ckpt_every=0", "train.max_steps=1",
                                  "train.log_every=10", "train.tb=false"])
         trainer = Trainer(cfg)  # the real loader needs a batch the tiny shards can fill; ours replace it
@@ -62,7 +70,7 @@ def main() -> None:
         ours: list[float] = []
 
         def timed(step: int, phase: dict) -> None:
-            torch.cuda.synchronize()
+            sync()
             ours.append(time.perf_counter())
 
         trainer.step_hooks.append(timed)
@@ -76,24 +84,28 @@ def main() -> None:
         torch.manual_seed(0)
         bare = build_model(cfg.model, n_cls).to(dev)
         opt = torch.optim.AdamW(bare.parameters(), lr=1e-4)
+        if args.compile:
+            bare = torch.compile(bare)
+        precision = trainer.engine.precision
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and precision == "bf16")
         times = []
         for i in range(10 + args.steps):
             x, y = batches[i % 4]
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with autocast:
                 loss = F.cross_entropy(bare(x).float(), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter())
         bare_step = statistics.median(b - a for a, b in zip(times[10:], times[11:], strict=False))
         trainer.engine.close()
 
     gflops = model_stats(args.model, args.img, n_cls)["gflops"]
-    out = {"benchmark": "gpu_train", "device": torch.cuda.get_device_name(0), "model": args.model, "img": args.img,
-           "batch": args.batch, "precision": "bf16", "attention": args.attention,
-           "mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    out = {"benchmark": "gpu_train", "device": torch.cuda.get_device_name(0) if cuda else "cpu", "model": args.model,
+           "img": args.img, "batch": args.batch, "precision": precision, "attention": args.attention,
+           "compile": args.compile, "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     for name, step in (("ours", ours_step), ("bare", bare_step)):
         ips = args.batch / step
         tflops = 3 * gflops * ips / 1e3
