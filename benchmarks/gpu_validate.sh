@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_validate.sh            # on one GPU, <= 8 minutes, <= 8 files under $OUT
 #   bash benchmarks/gpu_validate.sh --dry-run  # CPU, toy sizes: what the test suite runs
 # The GPU machine has its own CUDA torch and lacks some of our packages: carry them as wheels in .whl/
-# (made on a CPU machine by benchmarks/gpu_wheels.sh); they install to a temporary target, never over torch.
+# (made on a CPU machine by benchmarks/gpu_wheels.sh; name .whl in the device call's carry); they install to a
+# temporary target, never over torch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-gpu-validate-out}

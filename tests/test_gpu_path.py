@@ -24,9 +24,10 @@ import yaml
 from train_util import make_shards
 
 from mycodist.config import load_config
+from mycodist.devices import pick_device_index
 from mycodist.errors import UsageError
 from mycodist.train import engines
-from mycodist.train.engines import Engine, pick_device_index, resolve_precision
+from mycodist.train.engines import Engine, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "eye", "linspace",
@@ -353,3 +354,22 @@ def test_export_falls_back_to_auto_when_the_training_backend_cannot_run(caplog):
     assert "model.attention=flash_attn cannot run here" in caplog.text
     assert runnable_attention(load_config(None, ["model.attention=sdpa"]), torch.device("cpu")).model.attention == "sdpa"
     assert export_device("cpu") == torch.device("cpu")
+
+
+def test_phase_clock_sums_phases_and_skips_untimed_gaps():
+    import time
+
+    from mycodist.train.timing import PhaseClock
+
+    clock = PhaseClock(torch.device("cpu"))
+    for _ in range(2):
+        clock.mark("data")
+        time.sleep(0.02)
+        clock.mark("forward")
+        time.sleep(0.01)
+        clock.stop()
+        time.sleep(0.05)  # log/eval/checkpoint time: not part of any phase
+    w = clock.window()
+    assert 0.035 <= w["data"] < 0.2 and 0.015 <= w["forward"] < 0.2
+    assert w["backward"] == 0.0 and w["total"] == pytest.approx(w["data"] + w["forward"])
+    assert w["total"] < 0.25 and clock.window()["total"] == 0.0  # the gap is excluded; a window resets

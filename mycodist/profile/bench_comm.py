@@ -112,8 +112,6 @@ def run_rank(cfg: DictConfig) -> list[dict]:
     ops, size_list, warmup, repeats, dtype_name = _check(cfg)
     dtype = getattr(torch, dtype_name)
     use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     n = dist.get_world_size()
     rows = []
@@ -167,6 +165,10 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if backend == "nccl":
+        from mycodist.devices import set_local_cuda_device
+
+        set_local_cuda_device()  # before the group: its barriers and collectives use this GPU
     dist.init_process_group(backend)
     try:
         rows = run_rank(cfg)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from mycodist.devices import set_local_cuda_device
 from mycodist.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -92,20 +93,6 @@ def enable_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
-
-
-def pick_device_index(local_rank: int, visible: int) -> int:
-    """The CUDA device of this process. A scheduler that gives each task its own GPU through
-    CUDA_VISIBLE_DEVICES leaves one visible device whatever LOCAL_RANK says: use device 0 then."""
-    if visible < 1:
-        raise RuntimeError("no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES)")
-    if visible == 1:
-        return 0
-    if not 0 <= local_rank < visible:
-        raise UsageError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs "
-                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
-                         f"one process per visible GPU on each node")
-    return local_rank
 
 
 def _caller() -> str:
@@ -308,8 +295,7 @@ def _backend(device: torch.device) -> str:
 def _pick_device() -> tuple[torch.device, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        index = pick_device_index(local_rank, torch.cuda.device_count())
-        torch.cuda.set_device(index)
+        index = set_local_cuda_device()
         device = torch.device("cuda", index)
         enable_tf32(device)
         return device, local_rank

@@ -1,8 +1,9 @@
 """One training run on one rank: set up engine, model, data and state; the step loop; evaluation;
 checkpoints; the last checkpoint and the export. Started on every rank by launch/train.py.
 
-The step loop (`Trainer.train_loop`) is one function with four timed phases — data wait, forward,
-backward, optimizer step — reported to `step_hooks` after each step. The collective profiler
+The step loop (`Trainer.train_loop`) has four timed phases — data wait, forward, backward, optimizer
+step — measured by a `PhaseClock` (CUDA events on a GPU) and read, with the loss and the grad norm, only at
+log steps: no host sync in the other steps (docs/training.md, "GPU checklist"). The collective profiler
 (mycodist.profile, `profile.*` keys) wraps the step itself, since it must be open while the collectives run;
 outside its windows it hands back shared null contexts.
 """
