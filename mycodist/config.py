@@ -8,6 +8,7 @@ import difflib
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,29 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
     return value
 
 
+# Renamed keys: the old name keeps working for one release (0.2.x) with a warning naming the new one.
+RENAMED: dict[str, str] = {
+    "model.attn_drop": "model.attn_drop_rate",
+    "model.layer_scale_init": "model.init_values",
+}
+
+
+def renamed(key: str, origin: str = "") -> str:
+    """The current name of `key` (warning once per use when it is an old one)."""
+    new = RENAMED.get(key)
+    if new is None:
+        return key
+    warnings.warn(f"config key '{key}' is now '{new}'{f' ({origin})' if origin else ''}; the old name stops "
+                  f"working in mycodist 0.3", FutureWarning, stacklevel=3)
+    return new
+
+
 def _merge_checked(base: DictConfig, update: DictConfig, valid: Sequence[str], origin: str) -> None:
     """Merge `update` into `base` in place, key by key, refusing unknown keys and bad types."""
 
     def walk(node: Any, prefix: str) -> None:
         for k in node.keys():
-            full = f"{prefix}.{k}" if prefix else str(k)
+            full = renamed(f"{prefix}.{k}" if prefix else str(k), origin)
             if full not in valid:
                 raise UsageError(f"unknown config key '{full}' ({origin}){_suggest(full, valid)}")
             child = node._get_node(k)

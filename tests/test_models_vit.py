@@ -140,7 +140,7 @@ def test_layer_decay_groups():
 
 
 def test_build_model_from_config():
-    cfg = load_config(None, ["model.img_size=32", "model.reg_tokens=2", "model.layer_scale_init=0.1",
+    cfg = load_config(None, ["model.img_size=32", "model.reg_tokens=2", "model.init_values=0.1",
                              "model.grad_checkpointing=true", "model.attention=sdpa", "model.pre_logits=16"])
     m = build_model(cfg.model, num_classes=7)
     assert m.num_prefix_tokens == 3 and m.grad_checkpointing
@@ -151,8 +151,8 @@ def test_build_model_from_config():
         build_model(load_config(None, ["model.flex_mask=banded"]).model, 7)
     with pytest.raises(UsageError, match="img_size=40 is not a multiple"):
         build_model(load_config(None, ["model.img_size=40"]).model, 7)
-    with pytest.raises(UsageError, match="attn_drop"):
-        build_model(load_config(None, ["model.attn_drop=1.5"]).model, 7)
+    with pytest.raises(UsageError, match="attn_drop_rate"):
+        build_model(load_config(None, ["model.attn_drop_rate=1.5"]).model, 7)
 
 
 def test_sparse_model_trains_with_flex_and_matches_math():

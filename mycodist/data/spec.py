@@ -20,6 +20,7 @@ from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_class_indices
 from mycodist.data.sources import expand_pattern, is_local, join_url, local_path, open_url, read_bytes
 from mycodist.errors import UsageError
 from mycodist.shards.manifest import FORMAT, MANIFEST, ManifestError, check_manifest
+from mycodist.shards.tarshard import split_member
 
 log = logging.getLogger("mycodist.data")
 
@@ -180,7 +181,7 @@ def count_samples(url: str) -> int:
     except (OSError, tarfile.TarError):
         return 0
     for name in names:
-        base = os.path.basename(name)
-        if not base.startswith("__") and "." in base:
-            keys.add(os.path.join(os.path.dirname(name), base.split(".", 1)[0]))
+        parts = split_member(name)
+        if parts is not None and not os.path.basename(name).startswith("__"):
+            keys.add(parts[0])
     return len(keys)

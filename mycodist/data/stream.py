@@ -19,10 +19,16 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mycodist.data.layout import Piece
 from mycodist.data.sources import open_url
+from mycodist.shards.tarshard import split_member
 
 log = logging.getLogger("mycodist.data")
 
 Sample = dict[str, Any]
+
+
+def _key_and_ext(name: str) -> tuple[str | None, str | None]:
+    """webdataset's `keys=` hook fed with mycodist's one key rule (shards.tarshard.split_member)."""
+    return split_member(name) or (None, None)
 
 
 def read_piece(piece: Piece, stats: Counter) -> Iterator[Sample]:
@@ -43,7 +49,7 @@ def read_piece(piece: Piece, stats: Counter) -> Iterator[Sample]:
     index = 0
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=keep_going)
-        for sample in group_by_keys(files, handler=keep_going):
+        for sample in group_by_keys(files, keys=_key_and_ext, handler=keep_going):
             if index >= piece.end:
                 break
             if index >= piece.begin:

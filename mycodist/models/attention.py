@@ -23,6 +23,7 @@ from torch import nn
 
 from mycodist.errors import UsageError
 from mycodist.models.masks import TokenMask
+from mycodist.models.vit_config import AttentionRuntime, ViTConfig
 
 log = logging.getLogger("mycodist.models")
 
@@ -84,7 +85,7 @@ def why_unavailable(
         if not flex_available():
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
         if dropout:
-            return "FlexAttention has no attention dropout; set model.attn_drop=0 or use sdpa/math"
+            return "FlexAttention has no attention dropout; set model.attn_drop_rate=0 or use sdpa/math"
         return None
     if backend in ("sdpa", "math"):
         return None
@@ -156,7 +157,7 @@ def sdpa_attention(
         _warn_once(
             "sdpa_cpu_dropout",
             "attention dropout > 0 makes SDPA on CPU use its O(N^2) math kernel (memory grows with N^2); "
-            "set model.attn_drop=0 to keep the flash kernel",
+            "set model.attn_drop_rate=0 to keep the flash kernel",
         )
     if kernel == "auto":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
@@ -234,39 +235,29 @@ def flex_attention_any_device(
 
 
 class Attention(nn.Module):
-    """timm-named attention (qkv, proj) whose kernel is chosen per call from `backend`."""
+    """timm-named attention (qkv, proj); the kernel is `runtime.backend`, resolved once by `resolve`."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        backend: str = "auto",
-        sdpa_kernel: str = "auto",
-        flex_compile: bool = True,
-    ) -> None:
+    def __init__(self, cfg: ViTConfig, runtime: AttentionRuntime | None = None) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
-        if backend not in BACKENDS:
-            raise AttentionBackendError(f"unknown model.attention '{backend}'; choose one of {', '.join(BACKENDS)}")
-        if sdpa_kernel not in SDPA_KERNELS:
+        runtime = runtime or AttentionRuntime()
+        if runtime.backend not in BACKENDS:
+            raise AttentionBackendError(f"unknown model.attention '{runtime.backend}'; choose one of {', '.join(BACKENDS)}")
+        if runtime.sdpa_kernel not in SDPA_KERNELS:
             raise AttentionBackendError(
-                f"unknown model.sdpa_kernel '{sdpa_kernel}'; choose one of {', '.join(SDPA_KERNELS)}"
+                f"unknown model.sdpa_kernel '{runtime.sdpa_kernel}'; choose one of {', '.join(SDPA_KERNELS)}"
             )
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        dim = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
         self.scale = self.head_dim**-0.5
-        self.backend = backend
-        self.sdpa_kernel = sdpa_kernel
-        self.flex_compile = flex_compile
-        self.attn_drop = attn_drop
+        self.backend = runtime.backend
+        self.sdpa_kernel = runtime.sdpa_kernel
+        self.flex_compile = runtime.flex_compile
+        self.attn_drop = cfg.attn_drop_rate
         self.kernel: str | None = None  # `backend` resolved for one device/dtype by `resolve` (None: per call)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(cfg.drop_rate)
 
     def resolve(self, device_type: str, dtype: torch.dtype, mask: TokenMask | None) -> str:
         """Choose the kernel once for the device and compute dtype the model will run in (as timm's

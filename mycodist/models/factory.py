@@ -11,6 +11,7 @@ import torch
 from mycodist.errors import UsageError
 from mycodist.models.masks import MaskSpec
 from mycodist.models.vit import VisionTransformer
+from mycodist.models.vit_config import AttentionRuntime, ViTConfig
 
 if TYPE_CHECKING:  # omegaconf is not needed to build models (the GPU benchmark runs without it)
     from omegaconf import DictConfig
@@ -35,7 +36,6 @@ SIZES: dict[str, ViTSize] = {
 }
 PATCHES = (8, 14, 16)
 _NAME = re.compile(r"^vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)$")
-ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")
 
 
 def model_names() -> list[str]:
@@ -54,26 +54,31 @@ def parse_name(name: str) -> tuple[ViTSize, int]:
     return SIZES[m["size"]], int(m["patch"])
 
 
+RUNTIME_KEYS = ("sdpa_kernel", "flex_compile")
+
+
+def vit_config(name: str, num_classes: int = 1000, img_size: int | tuple[int, int] = 224, **arch: Any) -> ViTConfig:
+    """A named size (vit_{size}_patch{p}) as a ViTConfig; `arch` overrides any field (tests use tiny ones)."""
+    size, patch = parse_name(name)
+    base = dict(embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads, mlp_ratio=size.mlp_ratio,
+                patch_size=patch)
+    try:
+        return ViTConfig(img_size=img_size, num_classes=num_classes, **{**base, **arch})
+    except ValueError as e:
+        raise UsageError(f"model: {e}") from None
+
+
 def create_model(
     name: str,
     num_classes: int = 1000,
     img_size: int | tuple[int, int] = 224,
     attention: str = "auto",
-    drop_path_rate: float = 0.0,
     **kw: Any,
 ) -> VisionTransformer:
-    """A ViT by name. `kw` may override the architecture (embed_dim, depth, num_heads, mlp_ratio,
-    patch_size; tests use tiny ones) and pass any VisionTransformer option (reg_tokens, mask, ...)."""
-    size, patch = parse_name(name)
-    arch = dict(embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads, mlp_ratio=size.mlp_ratio)
-    arch["patch_size"] = patch
-    arch.update({k: kw.pop(k) for k in ARCH_KEYS if k in kw})
-    img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if img[0] % arch["patch_size"] or img[1] % arch["patch_size"]:
-        raise UsageError(f"model.img_size={img_size} is not a multiple of the patch size {arch['patch_size']}")
-    return VisionTransformer(
-        img_size=img, num_classes=num_classes, attention=attention, drop_path_rate=drop_path_rate, **arch, **kw
-    )
+    """A ViT by name. `kw` takes any ViTConfig field (embed_dim, depth, reg_tokens, mask, drop_path_rate, ...)
+    and the attention runtime's `sdpa_kernel` / `flex_compile`."""
+    runtime = AttentionRuntime(backend=attention, **{k: kw.pop(k) for k in RUNTIME_KEYS if k in kw})
+    return VisionTransformer(vit_config(name, num_classes, img_size, **kw), runtime)
 
 
 def _get(cfg: DictConfig | dict, key: str, default: Any) -> Any:
@@ -81,9 +86,9 @@ def _get(cfg: DictConfig | dict, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def build_model(cfg: DictConfig | dict, num_classes: int) -> VisionTransformer:
-    """The `model` config group → a ready model: pretrained weights loaded (head reset to `num_classes`),
-    gradient checkpointing and channels-last applied. Bad values are UsageErrors naming the key."""
+def model_config(cfg: DictConfig | dict, num_classes: int) -> ViTConfig:
+    """The `model` config group → the architecture (what checkpoints and exports store). Bad values are
+    UsageErrors naming the key."""
     try:
         mask = MaskSpec(
             kind=str(_get(cfg, "flex_mask", "dense")),
@@ -94,29 +99,35 @@ def build_model(cfg: DictConfig | dict, num_classes: int) -> VisionTransformer:
         )
     except ValueError as e:
         raise UsageError(f"model.flex_*: {e}") from None
-    for key, low, high in (("drop_path_rate", 0, 1), ("drop_rate", 0, 1), ("attn_drop", 0, 1)):
+    for key, low, high in (("drop_path_rate", 0, 1), ("drop_rate", 0, 1), ("attn_drop_rate", 0, 1)):
         v = float(_get(cfg, key, 0.0))
         if not low <= v < high:
             raise UsageError(f"model.{key}={v} must be in [{low}, {high})")
-    try:
-        model = create_model(
-            str(_get(cfg, "name", "vit_tiny_patch16")),
-            num_classes=num_classes,
-            img_size=int(_get(cfg, "img_size", 224)),
-            attention=str(_get(cfg, "attention", "auto")),
-            drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
-            sdpa_kernel=str(_get(cfg, "sdpa_kernel", "auto")),
-            mask=mask,
-            flex_compile=bool(_get(cfg, "flex_compile", True)),
-            drop_rate=float(_get(cfg, "drop_rate", 0.0)),
-            attn_drop_rate=float(_get(cfg, "attn_drop", 0.0)),
-            init_values=float(_get(cfg, "layer_scale_init", 0.0)),
-            reg_tokens=int(_get(cfg, "reg_tokens", 0)),
-            class_token=bool(_get(cfg, "class_token", True)),
-            pre_logits=int(_get(cfg, "pre_logits", 0)),
-        )
-    except ValueError as e:
-        raise UsageError(f"model: {e}") from None
+    return vit_config(
+        str(_get(cfg, "name", "vit_tiny_patch16")),
+        num_classes=num_classes,
+        img_size=int(_get(cfg, "img_size", 224)),
+        drop_path_rate=float(_get(cfg, "drop_path_rate", 0.0)),
+        mask=mask,
+        drop_rate=float(_get(cfg, "drop_rate", 0.0)),
+        attn_drop_rate=float(_get(cfg, "attn_drop_rate", 0.0)),
+        init_values=float(_get(cfg, "init_values", 0.0)),
+        reg_tokens=int(_get(cfg, "reg_tokens", 0)),
+        class_token=bool(_get(cfg, "class_token", True)),
+        pre_logits=int(_get(cfg, "pre_logits", 0)),
+    )
+
+
+def attention_runtime(cfg: DictConfig | dict) -> AttentionRuntime:
+    """The `model` group's runtime keys: how attention is computed where the model runs."""
+    return AttentionRuntime(backend=str(_get(cfg, "attention", "auto")), sdpa_kernel=str(_get(cfg, "sdpa_kernel", "auto")),
+                            flex_compile=bool(_get(cfg, "flex_compile", True)))
+
+
+def build_model(cfg: DictConfig | dict, num_classes: int, runtime: AttentionRuntime | None = None) -> VisionTransformer:
+    """The `model` config group → a ready model: pretrained weights loaded (head reset to `num_classes`),
+    gradient checkpointing and channels-last applied. `runtime` overrides the group's attention keys."""
+    model = VisionTransformer(model_config(cfg, num_classes), runtime or attention_runtime(cfg))
     pretrained = str(_get(cfg, "pretrained", ""))
     if pretrained:
         from mycodist.models.weights import load_pretrained

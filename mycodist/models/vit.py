@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mycodist.models.attention import Attention
-from mycodist.models.masks import MaskCache, MaskSpec, TokenMask
+from mycodist.models.masks import MaskCache, TokenMask
+from mycodist.models.vit_config import AttentionRuntime, ViTConfig
 
 
 def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
@@ -105,27 +106,16 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_hidden: int,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        init_values: float = 0.0,
-        backend: str = "auto",
-        sdpa_kernel: str = "auto",
-        flex_compile: bool = True,
-    ) -> None:
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, runtime: AttentionRuntime | None = None) -> None:
         super().__init__()
+        dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, True, attn_drop, drop, backend, sdpa_kernel, flex_compile)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.attn = Attention(cfg, runtime)
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, mlp_hidden, drop)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate)
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
@@ -134,73 +124,43 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier. `global_pool='token'` uses the class token, `'avg'` averages patch tokens (then
-    fc_norm instead of norm, as timm does). With register tokens the position embedding skips the prefix
-    tokens (`no_embed_class`, as in timm's reg models) unless told otherwise."""
+    """ViT classifier built from one `ViTConfig`. `pool='token'` uses the class token, `'avg'` averages
+    patch tokens (then fc_norm instead of norm, as timm does). With register tokens the position embedding
+    skips the prefix tokens (`no_embed_class`, as in timm's reg models) unless told otherwise. The attention
+    runtime (kernel choice) is separate: it changes how, not what, the model computes."""
 
-    def __init__(
-        self,
-        img_size: int | Sequence[int] = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        class_token: bool = True,
-        reg_tokens: int = 0,
-        global_pool: str | None = None,
-        no_embed_class: bool | None = None,
-        pre_logits: int = 0,
-        init_values: float = 0.0,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        attention: str = "auto",
-        sdpa_kernel: str = "auto",
-        mask: MaskSpec | None = None,
-        flex_compile: bool = True,
-    ) -> None:
+    def __init__(self, cfg: ViTConfig, runtime: AttentionRuntime | None = None) -> None:
         super().__init__()
-        global_pool = global_pool or ("token" if class_token else "avg")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got '{global_pool}'")
-        if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without it")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.embed_dim = self.num_features = embed_dim
-        self.num_reg_tokens = reg_tokens
-        self.num_prefix_tokens = int(class_token) + reg_tokens
-        self.no_embed_class = reg_tokens > 0 if no_embed_class is None else no_embed_class
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.pool
+        self.embed_dim = self.num_features = cfg.embed_dim
+        self.num_reg_tokens = cfg.reg_tokens
+        self.num_prefix_tokens = int(cfg.class_token) + cfg.reg_tokens
+        self.no_embed_class = cfg.reg_tokens > 0 if cfg.no_embed_class is None else cfg.no_embed_class
         self.grad_checkpointing = False
+        embed_dim = cfg.embed_dim
 
-        self.patch_embed = PatchEmbed(to_2tuple(img_size), patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cfg.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, embed_dim)) if cfg.reg_tokens else None
         embed_len = self.patch_embed.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.masks = MaskCache(mask or MaskSpec())
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.masks = MaskCache(cfg.mask)
 
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm
-        hidden = int(embed_dim * mlp_ratio)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, hidden, drop_rate, attn_drop_rate, dpr[i], init_values, attention,
-                  sdpa_kernel, flex_compile)
-            for i in range(depth)
-        )
-        use_fc_norm = global_pool == "avg"
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, as timm
+        self.blocks = nn.ModuleList(Block(cfg, dpr[i], runtime) for i in range(cfg.depth))
+        use_fc_norm = self.global_pool == "avg"
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
-        if pre_logits:
-            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, pre_logits), act=nn.Tanh()))
-            self.num_features = pre_logits
+        if cfg.pre_logits:
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, cfg.pre_logits), act=nn.Tanh()))
+            self.num_features = cfg.pre_logits
         else:
             self.pre_logits = nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -228,6 +188,7 @@ class VisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
+        self.cfg = self.cfg.replace(num_classes=num_classes)
         device = self.pos_embed.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         if num_classes > 0:

@@ -162,7 +162,7 @@ def load_pretrained(
             parts.append(f"shape mismatches: {_listing(shape)}")
         raise UsageError(
             f"{path} does not fit this model ({'; '.join(parts)}); check model.name, reg_tokens, class_token, "
-            "pre_logits and layer_scale_init match the checkpoint"
+            "pre_logits and init_values match the checkpoint"
         )
     with torch.no_grad():
         for k, v in state.items():

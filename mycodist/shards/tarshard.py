@@ -113,7 +113,10 @@ class ShardFile:
 
 
 def split_member(name: str) -> tuple[str, str] | None:
-    """`dir/abc.seg.jpg` → (`dir/abc`, `seg.jpg`): the key ends at the first dot of the base name."""
+    """`dir/abc.seg.jpg` → (`dir/abc`, `seg.jpg`): the key ends at the first dot of the base name.
+
+    The one tar member → sample key rule of mycodist (webdataset's own): the writer, `verify`, the sample
+    counts and the training streams (handed to webdataset's `group_by_keys`) all use this function."""
     head, sep, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     return (head + sep + stem, ext) if dot and stem else None

@@ -12,6 +12,7 @@ import json
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,75 @@ def finish_save(tmp: Path, meta: dict[str, Any], keep_last: int) -> Path:
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+_RUNTIME_KEYS = {"attention", "sdpa_kernel", "flex_compile"}  # how attention runs: free to change on resume
+
+
+def model_config_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`model.key: old → new` for every architecture key that differs (renamed keys compared under their
+    new names; the attention runtime may differ)."""
+    from mycodist.config import RENAMED
+
+    def norm(d: dict[str, Any]) -> dict[str, Any]:
+        return {RENAMED.get(f"model.{k}", f"model.{k}").removeprefix("model."): v for k, v in d.items()
+                if k not in _RUNTIME_KEYS}
+
+    a, b = norm(saved), norm(now)
+    return [f"model.{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+class Checkpointer:
+    """Save and resume one run's complete state (engine files, loader position, RNG, EMA) on every rank."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.t = trainer
+
+    def save(self) -> None:
+        from omegaconf import OmegaConf
+
+        t, e = self.t, self.t.engine
+        tmp = begin_save(t.run_dir, t.step)
+        e.barrier()
+        e.save(tmp)
+        state = {"step": t.step, "rng": rng_state(), "loader": t.train_loader.state_dict(),
+                 "ema": t.ema.state_dict() if t.ema else None}
+        torch.save(state, trainer_state_file(tmp, e.rank))
+        e.barrier()
+        if e.is_main:
+            meta = {"step": t.step, "epoch": t.step / t.steps_per_epoch, "engine": e.name,
+                    "zero_stage": e.zero_stage, "world_size": e.world_size, "precision": e.precision,
+                    "uses_deepspeed": e.name == "deepspeed" or getattr(e, "uses_deepspeed", False),
+                    "num_classes": t.num_classes, "model": OmegaConf.to_container(t.cfg.model, resolve=True),
+                    "vit_config": t.vit_config.to_dict(), "time": time.time()}
+            finish_save(tmp, meta, int(t.cfg.train.keep_last))
+        e.barrier()
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load `train.resume` into the engine, EMA and RNGs; returns the checkpoint's trainer state (step,
+        loader position) or None when starting afresh."""
+        from omegaconf import OmegaConf
+
+        t, e = self.t, self.t.engine
+        path = resolve_resume(str(t.cfg.train.resume), t.run_dir)
+        if path is None:
+            return None
+        meta = read_meta(path)
+        if meta["world_size"] != e.world_size or meta["engine"] != e.name:
+            raise UsageError(f"checkpoint {path} was written by {meta['world_size']} rank(s) of engine "
+                             f"{meta['engine']}; this run has {e.world_size} of {e.name}. Resume with the same "
+                             "launch, or start afresh with train.resume=none")
+        saved_model = meta.get("model")  # older checkpoints did not record it
+        if saved_model is not None:
+            diff = model_config_diff(saved_model, OmegaConf.to_container(t.cfg.model, resolve=True))
+            if diff:
+                raise UsageError(f"checkpoint {path} was made with another model config ({', '.join(diff)}); use "
+                                 "a new train.output_dir, or train.resume=none to start afresh in this one")
+        e.load(path)
+        state = torch.load(trainer_state_file(path, e.rank), map_location="cpu", weights_only=False)
+        if t.ema and state["ema"] is not None:
+            t.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        if e.is_main:
+            print(f"resumed from {path} at step {int(state['step'])}", flush=True)
+        return state

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
-from mycodist.train.engines import ENGINES, resolve_precision
+from mycodist.train.engines import LAUNCHER_OF, configured_engine, resolve_precision
 
 LAUNCHERS = ("accelerate", "deepspeed", "torchrun")
 
@@ -46,14 +46,7 @@ def gpu_count() -> int:
 
 
 def pick_launcher(cfg: DictConfig) -> str:
-    engine = cfg.train.engine
-    if engine not in ENGINES:
-        raise UsageError(f"train.engine={engine!r} is not one of {', '.join(ENGINES)}")
-    if engine == "torchrun-ddp":
-        return "torchrun"
-    if engine == "deepspeed" or (engine == "auto" and (cfg.train.zero_stage > 0 or cfg.train.deepspeed_config)):
-        return "deepspeed"
-    return "accelerate"
+    return LAUNCHER_OF[configured_engine(cfg)]
 
 
 def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_args: list[str],

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from mycodist.atomic import atomic_open
-from mycodist.train.trainer import LOG_FILE
+from mycodist.train.run_log import LOG_FILE
 
 
 def read_log(run_dir: Path) -> tuple[dict[int, float], dict[int, dict]]:

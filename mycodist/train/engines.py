@@ -41,19 +41,34 @@ def launched_by() -> str:
     return "none"
 
 
-def choose_engine(cfg: DictConfig) -> str:
-    """`train.engine=auto`: follow the launcher; otherwise DeepSpeed when ZeRO or a DS config is asked for."""
+def configured_engine(cfg: DictConfig) -> str:
+    """The engine the config asks for: `train.engine`, or for `auto` DeepSpeed when ZeRO or a DeepSpeed
+    template is asked for, else Accelerate. The one rule: `mycodist train` picks its launcher from it
+    (LAUNCHER_OF) and every rank falls back on it when no launcher says otherwise (`choose_engine`)."""
     engine = cfg.train.engine
     if engine not in ENGINES:
         raise UsageError(f"train.engine={engine!r} is not one of {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
+    if cfg.train.zero_stage > 0 or cfg.train.deepspeed_config:
+        return "deepspeed"
+    return "accelerate"
+
+
+LAUNCHER_OF = {"accelerate": "accelerate", "deepspeed": "deepspeed", "torchrun-ddp": "torchrun"}
+
+
+def choose_engine(cfg: DictConfig) -> str:
+    """`train.engine=auto` on a rank: follow the launcher that started it, else the configured engine."""
+    configured = configured_engine(cfg)
+    if cfg.train.engine != "auto":
+        return configured
     by = launched_by()
     if by == "accelerate":
         return "accelerate"
-    if by == "deepspeed" or cfg.train.zero_stage > 0 or cfg.train.deepspeed_config:
+    if by == "deepspeed":
         return "deepspeed"
-    return "accelerate"
+    return configured
 
 
 def default_precision(device_type: str) -> str:
@@ -578,7 +593,7 @@ class DeepSpeedEngine(Engine):
 
         optimizer = make_optimizer(self.cfg, param_groups, optimizer_offloaded(self.ds_config), self.device.type)
         # device_rank: DeepSpeed would otherwise pick cuda:LOCAL_RANK, wrong with one GPU per task
-        args = SimpleNamespace(device_rank=self.device.index if self.device.type == "cuda" else -1)
+        args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
         self.model, self.optimizer, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
                                                                 config=self.ds_config)
         self.module = self.model.module
