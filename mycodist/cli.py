@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-manifests": ("mycodist.shards.merge", "join the outputs of several crawl workers"),
     "data": ("mycodist.data.cli", "plan how shards stream to W ranks (`data plan`)"),
     "train": ("mycodist.train.cli", "start training on N local processes with the right launcher"),
-    "export": ("mycodist.train.export", "write RUN_DIR/export for predict and serve"),
+    "export": ("mycodist.export.cli", "write RUN_DIR/export for predict and serve"),
     "predict": ("mycodist.serve.predict", "top-k species for images, one JSON line each"),
     "serve": ("mycodist.serve.app", "web page and JSON API for photo → species and edibility"),
     "bench-comm": ("mycodist.profile.bench_comm", "measure collectives' time and bus bandwidth"),

@@ -18,7 +18,8 @@ ALLOWED = {
     "models": set(),
     "profile": set(),
     "train": {"shards", "data", "models", "profile"},
-    "serve": {"models"},
+    "export": {"shards", "data", "models", "profile", "train"},
+    "serve": {"models", "export"},
 }
 
 
@@ -53,3 +54,22 @@ def test_base_imports_no_stage():
 def test_every_stage_is_listed():
     stages = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert stages == set(ALLOWED)
+
+
+# One contract per hand-off: the export folder's file names are written in mycodist/export/artifact.py only
+# (a checkpoint folder's own model file is train/checkpoint.py's).
+EXPORT_NAMES = {"model.safetensors": {"export/artifact.py", "train/checkpoint.py"},
+                "calibration.json": {"export/artifact.py"}, "ood.safetensors": {"export/artifact.py"},
+                "export.json": {"export/artifact.py"}}
+
+
+def test_export_file_names_are_defined_once():
+    found: dict[str, set[str]] = {name: set() for name in EXPORT_NAMES}
+    for path in ROOT.rglob("*.py"):
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in EXPORT_NAMES:
+                found[node.value].add(rel)
+    extra = {name: sorted(where - EXPORT_NAMES[name]) for name, where in found.items() if where - EXPORT_NAMES[name]}
+    assert not extra, f"export file names restated outside mycodist/export/artifact.py: {extra}"
+    assert all(found.values()), found  # the check sees the definitions themselves

@@ -345,7 +345,7 @@ def test_compiled_flex_recompiles_at_most_once_for_new_batch_sizes():
 
 # --- export on the training device, with a backend that can run there ------------------------------------------
 def test_export_falls_back_to_auto_when_the_training_backend_cannot_run(caplog):
-    from mycodist.train.export import export_device, runnable_attention
+    from mycodist.export.build import export_device, runnable_attention
 
     cfg = load_config(None, ["model.attention=flash_attn"])
     with caplog.at_level("WARNING"):

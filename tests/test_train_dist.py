@@ -163,7 +163,7 @@ def test_compile_with_ema_and_layer_decay_on_two_ranks_exports_strictly(shards, 
     from safetensors.torch import load_file
 
     from mycodist.train import checkpoint as ck
-    from mycodist.train.export import consolidated_state_dict
+    from mycodist.train.checkpoint import consolidated_state_dict
 
     run = tmp_path / "run"
     train(shards, run, "train.epochs=1", "train.compile=true", "train.ema_decay=1e-9", "train.layer_decay=0.75",

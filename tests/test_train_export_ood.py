@@ -13,11 +13,12 @@ from train_util import make_shards
 
 from mycodist.catalog import CLASS_INDICES, SPECIES, load_class_indices
 from mycodist.config import load_config, save_config
+from mycodist.export.artifact import OOD_FILE
+from mycodist.export.build import export_run, split_outputs
 from mycodist.models import build_model
 from mycodist.models.ood import load_feature_gaussians
 from mycodist.serve.inference import load_export
 from mycodist.train import checkpoint as ck
-from mycodist.train.export import OOD_FILE, export_run, split_outputs
 
 
 def test_export_writes_ood_statistics_that_serving_loads(tmp_path):

@@ -15,7 +15,6 @@ from mycodist.errors import UsageError
 from mycodist.train import checkpoint as ck
 from mycodist.train.cli import launch_command
 from mycodist.train.engines import choose_engine, deepspeed_config
-from mycodist.train.export import _strip
 from mycodist.train.metrics import (
     calibration_summary,
     classification_report,
@@ -109,8 +108,8 @@ def test_rng_state_round_trip():
 
 
 def test_export_strips_wrapper_prefixes():
-    assert _strip("module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
-    assert _strip("head.weight") == "head.weight"
+    assert ck.strip_wrapper_prefixes("module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
+    assert ck.strip_wrapper_prefixes("head.weight") == "head.weight"
 
 
 # --- engine choice and DeepSpeed config -------------------------------------------------------------
@@ -206,7 +205,7 @@ def test_accelerate_with_a_deepspeed_template_passes_the_file():
 
 
 def test_entry_maps_deepspeed_launcher_arguments():
-    from mycodist.train.entry import parse_args
+    from mycodist.rank_entry import parse_args
 
     args, overrides = parse_args(["--local_rank=1", "--deepspeed", "--deepspeed_config", "x.json", "train.epochs=1"])
     assert args.local_rank == 1 and args.deepspeed and args.deepspeed_config == "x.json"

@@ -1,6 +1,6 @@
 """The export folder → a ready model, and logits → the API's answer. Shared by `predict` and `serve`.
 
-Export folder (written by `mycodist export`, docs/serving.md):
+Export folder (layout: mycodist/export/artifact.py; written by `mycodist export`, docs/serving.md):
   model.safetensors   fp32 state dict, timm-style names
   config.yaml         the resolved run config (model group builds the model, img_size/mean/std preprocess)
   class_indices.json  {"0": label, ...}
@@ -33,15 +33,13 @@ from safetensors.torch import load_file
 from mycodist import __version__
 from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_class_indices, load_species
 from mycodist.errors import UsageError
+from mycodist.export.artifact import CALIBRATION, CONFIG_FILE, MODEL_FILE, OOD_FILE, read_export
 from mycodist.models import ood as feature_ood
 from mycodist.serve.preprocess import EvalTransform
 from mycodist.serve.verdict import WARNING, SafetyRules, decide
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-CALIBRATION = "calibration.json"
-OOD_FILE = "ood.safetensors"
 OOD_SCORES = ("max_logit", "max_prob", "neg_energy")
 OOD_ALIASES = {"energy": "neg_energy"}
 ModelBuilder = Callable[[Any, int], torch.nn.Module]
@@ -199,18 +197,13 @@ def _sha256(path: Path) -> str:
 def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuilder | None = None,
                 ood_score: str = "neg_energy", ood_quantile: float = 0.05) -> Export:
     """Load and check everything once, at start-up, so a broken export fails before serving a request."""
-    d = Path(export_dir)
-    if not d.is_dir():
-        raise UsageError(f"export folder '{d}' does not exist; make one with `mycodist export RUN_DIR`")
-    for name in (MODEL_FILE, "config.yaml", CLASS_INDICES, SPECIES):
-        if not (d / name).is_file():
-            raise UsageError(f"'{d}' is not an export folder: {name} is missing (`mycodist export RUN_DIR` writes it)")
+    d = read_export(export_dir).path  # layout and version checked; names what is missing
     try:
-        cfg = OmegaConf.load(d / "config.yaml")
+        cfg = OmegaConf.load(d / CONFIG_FILE)
     except Exception as e:
-        raise UsageError(f"cannot read '{d / 'config.yaml'}': {e}") from None
+        raise UsageError(f"cannot read '{d / CONFIG_FILE}': {e}") from None
     if not isinstance(cfg, DictConfig) or "model" not in cfg:
-        raise UsageError(f"'{d / 'config.yaml'}' has no model group")
+        raise UsageError(f"'{d / CONFIG_FILE}' has no model group")
     labels = load_class_indices(d / CLASS_INDICES)
     species = load_species(d / SPECIES)
     missing = [lab for lab in labels if lab not in species]
@@ -220,7 +213,7 @@ def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuild
     try:
         transform = EvalTransform.from_config(cfg)
     except ValueError as e:
-        raise UsageError(f"'{d / 'config.yaml'}': {e}") from None
+        raise UsageError(f"'{d / CONFIG_FILE}': {e}") from None
 
     model = (builder or default_builder)(cfg.model, len(labels))
     try:

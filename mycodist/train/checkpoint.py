@@ -23,6 +23,7 @@ from mycodist.atomic import atomic_write_json
 from mycodist.errors import UsageError
 
 CKPT_DIR = "ckpt"
+MODEL_FILE = "model.safetensors"  # the torchrun-ddp engine's weights inside a checkpoint folder
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -171,3 +172,36 @@ class Checkpointer:
         if e.is_main:
             print(f"resumed from {path} at step {int(state['step'])}", flush=True)
         return state
+
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    return name
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint of any engine (DeepSpeed: from the fp32 optimizer partitions)."""
+    meta = read_meta(ckpt)
+    if meta.get("uses_deepspeed"):
+        # accelerate's DeepSpeed plugin saves under <ckpt>/pytorch_model; our DeepSpeed engine under <ckpt>
+        tag_root, tag = (ckpt, "pytorch_model") if meta["engine"] == "accelerate" else (ckpt.parent, ckpt.name)
+        if meta.get("zero_stage", 0) == 0:
+            states = torch.load(tag_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            sd = states["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_root), tag=tag)
+    else:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(ckpt / MODEL_FILE))
+    return {strip_wrapper_prefixes(k): (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}

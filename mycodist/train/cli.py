@@ -27,7 +27,7 @@ LAUNCHERS = ("accelerate", "deepspeed", "torchrun")
 def entry_script() -> Path:
     """launch/train.py in a source checkout; the same entry inside the package otherwise."""
     repo_script = Path(__file__).resolve().parents[2] / "launch" / "train.py"
-    return repo_script if repo_script.is_file() else Path(__file__).resolve().parent / "entry.py"
+    return repo_script if repo_script.is_file() else Path(__file__).resolve().parents[1] / "rank_entry.py"
 
 
 def free_port() -> int:

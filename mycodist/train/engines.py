@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from mycodist.devices import set_local_cuda_device
 from mycodist.errors import UsageError
+from mycodist.train.checkpoint import MODEL_FILE
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp")
@@ -367,14 +368,14 @@ class TorchDDPEngine(Engine):
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
-                      str(ckpt_dir / "model.safetensors"))
+                      str(ckpt_dir / MODEL_FILE))
             torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
                        ckpt_dir / "optimizer.pt")
 
     def load(self, ckpt_dir: Path) -> None:
         from safetensors.torch import load_file
 
-        self.module.load_state_dict(load_file(str(ckpt_dir / "model.safetensors"), device=str(self.device)))
+        self.module.load_state_dict(load_file(str(ckpt_dir / MODEL_FILE), device=str(self.device)))
         state = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -6,7 +6,7 @@ collaborators are small: `PhaseClock` (timing.py: CUDA events on a GPU), `RunLog
 log, TensorBoard, the bar), `Evaluator` (evaluation.py), `Checkpointer` (checkpoint.py) and the collective
 profiler (profiling.py), which wraps the step since it must be open while the collectives run. Nothing in
 the loop reads a device value back to the host except at log, eval and checkpoint steps
-(docs/training.md, "GPU checklist"). Export is its own command, run after training by `run_training`.
+(docs/training.md, "GPU checklist"). Export is its own stage (mycodist.export), run after training by mycodist.rank_entry.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -306,12 +307,18 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_training(cfg: DictConfig) -> int:
-    """Entry on every rank: train and tear down cleanly; then rank 0 runs the export stage on its device."""
+@dataclass(frozen=True)
+class TrainingOutcome:
+    is_main: bool
+    device: torch.device  # where this rank trained: the export stage runs there on rank 0
+
+
+def run_training(cfg: DictConfig) -> TrainingOutcome:
+    """Entry on every rank: train and tear down cleanly (the caller, mycodist.rank_entry, exports)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = Trainer(cfg)
     engine = trainer.engine
-    is_main, device = engine.is_main, engine.device
+    outcome = TrainingOutcome(engine.is_main, engine.device)
     try:
         trainer.run()
     except BaseException:
@@ -320,11 +327,4 @@ def run_training(cfg: DictConfig) -> int:
     finally:
         trainer.close_loaders()
     engine.close()
-    if is_main and cfg.train.export:
-        from mycodist.train.export import export_run
-
-        out = export_run(Path(cfg.train.output_dir), device=device)  # rank 0's GPU, not its CPU
-        print(f"exported {out}", flush=True)
-        print(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tb'} --host 127.0.0.1 --port 6006",
-              flush=True)
-    return 0
+    return outcome

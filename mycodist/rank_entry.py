@@ -1,5 +1,7 @@
 """What every rank runs under `accelerate launch`, `deepspeed` or `torchrun`: parse our arguments and
-the ones the launchers add (`--local_rank`, `--deepspeed_config`), load the config, train."""
+the ones the launchers add (`--local_rank`, `--deepspeed_config`), load the config, train; then rank 0 runs
+the export stage on the device it trained on. A composition root (like cli.py): it joins the train and
+export stages, which never import each other downstream."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mycodist.config import load_config, split_overrides
 from mycodist.errors import UsageError
@@ -37,7 +40,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         from mycodist.train.trainer import run_training
 
-        return run_training(cfg)
+        outcome = run_training(cfg)
+        if outcome.is_main and cfg.train.export:
+            from mycodist.export import export_run
+
+            out = export_run(Path(cfg.train.output_dir), device=outcome.device)  # rank 0's GPU, not its CPU
+            print(f"exported {out}", flush=True)
+            print(f"TensorBoard: tensorboard --logdir {Path(cfg.train.output_dir) / 'tb'} --host 127.0.0.1 "
+                  "--port 6006", flush=True)
+        return 0
     except UsageError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
