@@ -6,6 +6,8 @@ calibration.json (temperature fitted on validation, ECE before/after, OOD-score 
 ood.safetensors (class means and a shared precision matrix of the model's features on the TRAIN split,
 mycodist.models.ood; its threshold, chosen on validation, is calibration.json's `feature_ood`). Runs in one
 process from the newest complete checkpoint, so it works the same after any engine and any world size.
+With `--onnx` (export.onnx=true) also model.onnx, model.int8.onnx, onnx.json and onnx_val.safetensors
+(mycodist/train/onnx_export.py).
 """
 
 from __future__ import annotations
@@ -184,6 +186,10 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
         ood.save_feature_gaussians(tmp / OOD_FILE, stats, {"score": meta["score"], "threshold": meta["threshold"]})
         calibration["feature_ood"] = meta
     atomic_write_json(tmp / CALIBRATION, calibration)
+    if bool(cfg.export.onnx):  # model.onnx + model.int8.onnx for ONNX Runtime (mycodist/train/onnx_export.py)
+        from mycodist.train.onnx_export import write_for_run
+
+        write_for_run(tmp, model, cfg)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -193,6 +199,8 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a training run folder (train.output_dir)")
     parser.add_argument("--checkpoint", help="a checkpoint folder to export instead of the newest complete one")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write ONNX graphs (fp32 + int8) for serve.runtime=onnxruntime (= export.onnx=true)")
 
 
 def main(args: argparse.Namespace, cfg: DictConfig) -> int:
@@ -201,6 +209,8 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
         raise UsageError(f"'{run_dir}' is not a training run folder (no {CONFIG_FILENAME}); "
                          "pass the train.output_dir of a run")
     run_cfg = load_config(run_dir / CONFIG_FILENAME, args.overrides)
+    if args.onnx:
+        run_cfg.export.onnx = True
     ckpt = None
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
