@@ -54,6 +54,7 @@ class UploadGate:
         self.per_client: dict[str, int] = {}
         self.timed_out = 0
         self.refused_client = 0
+        self.cut_off = 0
 
     @contextlib.contextmanager
     def client(self, peer: str | None) -> Any:
@@ -89,9 +90,13 @@ class UploadGate:
             self.reading -= 1
 
     async def within_deadline(self, read: Awaitable[T]) -> T:
-        """`read` (the whole body), or 408 when it takes longer than `body_timeout`."""
+        """`read` (the whole body), or 408 when it takes longer than `body_timeout`; a client that hangs up
+        mid-upload is counted, not logged as a server failure (an attacker could flood the log so)."""
         try:
             return await asyncio.wait_for(read, self.limits.body_timeout)
+        except ConnectionResetError:
+            self.cut_off += 1
+            raise web.HTTPBadRequest(text="the upload was cut off before its end") from None
         except asyncio.TimeoutError:
             self.timed_out += 1
             raise web.HTTPRequestTimeout(
@@ -100,4 +105,4 @@ class UploadGate:
 
     def stats(self) -> dict[str, int]:
         return {"uploads_reading": self.reading, "clients": len(self.per_client),
-                "timed_out": self.timed_out, "refused_per_client": self.refused_client}
+                "timed_out": self.timed_out, "refused_per_client": self.refused_client, "cut_off": self.cut_off}
