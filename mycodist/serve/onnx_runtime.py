@@ -79,6 +79,9 @@ def ort_session(path: Path, threads: int) -> Any:
     if threads > 0:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # The model thread shares the cores with the decode threads and the event loop: idle pool threads
+    # sleep instead of spinning for work, so they do not take CPU from the next batch's decoding.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own error types for a corrupt or foreign graph
