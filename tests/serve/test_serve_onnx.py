@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from serve_util import LABELS, logits_for, make_export, photo, run_client, tiny_builder
+from serve_util import LABELS, full_builder, logits_for, make_export, photo, run_client, tiny_builder
 
 from mycodist.config import load_config
 from mycodist.errors import UsageError
@@ -151,3 +151,19 @@ def test_runtime_and_precision_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="other weights"):
         _app(folder, "serve.runtime=onnxruntime")
     assert len(LABELS) == load_export(folder, builder=tiny_builder).info["classes"]
+
+
+def test_predict_cli_runs_the_chosen_runtime(tmp_path, capsys):
+    from mycodist.cli import main as cli
+
+    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), {"temperature": 1.0},
+                         builder=full_builder)
+    model = load_export(folder).model
+    onnx_export.write_onnx(folder, model, _images(4), int8="dynamic")
+    img = tmp_path / "p.jpg"
+    img.write_bytes(photo())
+    assert cli(["predict", "--model", str(folder), str(img), "serve.runtime=onnxruntime",
+                "serve.precision=int8"]) == 0
+    ans = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ans["model"]["runtime"] == "onnxruntime" and ans["model"]["precision"] == "int8"
+    assert ans["verdict"]["code"] == "poisonous"
