@@ -5,16 +5,17 @@ Starts one `mycodist serve` process per mode on one export of the chosen archite
 speed does not depend on them) and drives them from this process with N concurrent clients, each sending
 a real 640x480 JPEG back to back. The servers are up at the same time and driven in alternating rounds,
 so a change in background load hits all alike; throughput is the median over rounds. Baseline: the
-PyTorch eager server (serve.runtime=torch). Compute bound: an offline batched forward pass (batch =
-serve.max_batch, preprocessed tensors, same runtime, same thread count) in this process while the servers
-are idle. Verdict agreement and top-1 drop of int8 need a trained model: pass `--agreement-export` an
-export made with `mycodist export RUN_DIR --onnx` (e.g. the demo's); without it they are null.
+PyTorch eager server (serve.runtime=torch). Compute bound: offline batched forward passes (batch =
+serve.max_batch, preprocessed tensors, same runtime, same thread count) in this process, sampled in every
+round right after that runtime's server was driven, so both see the same background load. Verdict
+agreement and top-1 drop of int8 need a trained model: pass `--agreement-export` an export made with
+`mycodist export RUN_DIR --onnx` (e.g. the demo's); without it they are null.
 
     .venv/bin/python benchmarks/serve.py                      # ViT-S/16, 224 px, 8 clients
     .venv/bin/python benchmarks/serve.py --agreement-export demo/run/export --int8 dynamic
 
 Last line: JSON. Per mode p50/p99 latency (ms), requests/s, server CPU ms per request, offline img/s and
-`served_vs_offline`; `onnx_ratio` = ONNX fp32 / torch req/s, `int8_ratio` = int8 / torch req/s (and the
+`served_vs_offline` (also in CPU time: offline CPU per image / server CPU per request); `onnx_ratio` = ONNX fp32 / torch req/s, `int8_ratio` = int8 / torch req/s (and the
 same ratios of CPU per request, which hold even when other jobs share the cores and wall figures do not).
 """
 
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -129,16 +131,35 @@ async def health(url: str) -> dict:
         return await r.json()
 
 
-def offline(run_batch, batch: torch.Tensor, repeats: int) -> dict:
-    """The compute bound: img/s of back-to-back batched forward passes (median of `repeats`), CPU ms/img."""
-    run_batch(batch)  # warm-up
-    rates, c0 = [], own_cpu()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_batch(batch)
-        rates.append(len(batch) / (time.perf_counter() - t0))
-    return {"img_s": round(float(np.median(rates)), 2),
-            "cpu_ms_per_img": round(1000 * (own_cpu() - c0) / (repeats * len(batch)), 1)}
+class Offline:
+    """The compute bound of one runtime: back-to-back batched forward passes of preprocessed images in this
+    process, sampled in every round right after that runtime's server was driven (same background load).
+    They run in one worker thread, as the server's model thread runs them: on a crowded machine PyTorch's
+    OpenMP pool called from the main thread measured many times slower than from a worker thread."""
+
+    def __init__(self, run_batch, batch: torch.Tensor) -> None:
+        self.run_batch, self.batch = run_batch, batch
+        self.rates: list[float] = []
+        self.cpu = 0.0
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline")
+        self.thread.submit(run_batch, batch).result()  # warm-up
+
+    def _loop(self, repeats: int) -> list[float]:
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.run_batch(self.batch)
+            rates.append(len(self.batch) / (time.perf_counter() - t0))
+        return rates
+
+    def sample(self, repeats: int) -> None:
+        c0 = own_cpu()
+        self.rates += self.thread.submit(self._loop, repeats).result()
+        self.cpu += own_cpu() - c0
+
+    def summary(self) -> dict:
+        return {"img_s": round(float(np.median(self.rates)), 2), "img_s_samples": [round(r, 2) for r in self.rates],
+                "cpu_ms_per_img": round(1000 * self.cpu / (len(self.rates) * len(self.batch)), 1)}
 
 
 def summary(lat: list[float], rps: list[float], cpu: float, served: dict) -> dict:
@@ -176,7 +197,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="intra-op threads of every server and of the offline runs (serve.torch_threads)")
     p.add_argument("--int8", choices=["dynamic", "static"], default="dynamic", help="quantisation served")
-    p.add_argument("--offline-repeats", type=int, default=5)
+    p.add_argument("--offline-repeats", type=int, default=2, help="offline batches per mode per round")
     p.add_argument("--agreement-export", nargs="*", default=[],
                    help="exports made with --onnx of a trained model; the first with the served --int8 "
                         "method gives int8_verdict_agreement and int8_top1_drop")
@@ -192,6 +213,22 @@ def main() -> None:
         onnx_export.write_onnx(export, net, torch.cat([batch, batch.flip(-1)]), int8=args.int8,
                                batch=args.max_batch)
         onnx_build_s = time.perf_counter() - t0
+        # the offline runners exist before the servers start: ONNX Runtime sessions as the server builds them
+        torch.set_num_threads(args.threads)
+
+        def torch_batch(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return net(x)
+
+        bound = {"torch": Offline(torch_batch, batch)}
+        other = "static" if args.int8 == "dynamic" else "dynamic"
+        alt = export / f"model.int8.{other}.onnx"
+        onnx_export.quantize(export / onnx_export.ONNX_FILE, alt, other, torch.cat([batch, batch.flip(-1)]),
+                             args.max_batch)
+        for mode, path in (("onnx_fp32", export / onnx_export.ONNX_FILE), ("onnx_int8", export / onnx_export.INT8_FILE),
+                           (f"onnx_int8_{other}", alt)):
+            sess = ort_session(path, args.threads)
+            bound[mode] = Offline(lambda x, s=sess: s.run(None, {"images": x.numpy()}), batch)
         common = ["serve.ood=false", f"serve.max_wait_ms={args.max_wait_ms}", f"serve.max_batch={args.max_batch}",
                   f"serve.torch_threads={args.threads}"]
         servers = {mode: start_server(export, [*common, *extra]) for mode, extra in MODES.items()}
@@ -208,39 +245,31 @@ def main() -> None:
                     cpu[mode] += cpu_seconds(proc.pid) - c0
                     lat[mode] += got
                     rps[mode].append(len(got) / wall)
+                    bound[mode].sample(args.offline_repeats)
+                bound[f"onnx_int8_{other}"].sample(args.offline_repeats)
             served = {mode: asyncio.run(health(url)) for mode, (_, url) in servers.items()}
         finally:
             for proc, _ in servers.values():
                 proc.send_signal(signal.SIGTERM)
             for proc, _ in servers.values():
                 proc.wait(60)
-        # the compute bound of each runtime, on the same cores, with the servers gone
-        torch.set_num_threads(args.threads)
-        with torch.inference_mode():
-            bound = {"torch": offline(net, batch, args.offline_repeats)}
-        for mode, name in (("onnx_fp32", onnx_export.ONNX_FILE), ("onnx_int8", onnx_export.INT8_FILE)):
-            sess = ort_session(export / name, args.threads)  # as the server builds it
-            bound[mode] = offline(lambda x, s=sess: s.run(None, {"images": x.numpy()}), batch, args.offline_repeats)
-        other = "static" if args.int8 == "dynamic" else "dynamic"
-        alt = export / f"model.int8.{other}.onnx"
-        onnx_export.quantize(export / onnx_export.ONNX_FILE, alt, other, torch.cat([batch, batch.flip(-1)]),
-                             args.max_batch)
-        sess = ort_session(alt, args.threads)
-        bound_other = offline(lambda x: sess.run(None, {"images": x.numpy()}), batch, args.offline_repeats)
-    modes = {m: {**summary(lat[m], rps[m], cpu[m], served[m]), "offline": bound[m]} for m in servers}
+    modes = {m: {**summary(lat[m], rps[m], cpu[m], served[m]), "offline": bound[m].summary()} for m in servers}
     for m in modes.values():
         m["served_vs_offline"] = round(m["rps"] / m["offline"]["img_s"], 3)
+        # the same comparison in CPU time, which other jobs on the machine do not distort
+        m["served_vs_offline_cpu"] = round(m["offline"]["cpu_ms_per_img"] / m["server_cpu_ms_per_request"], 3)
     chosen = next((a for a in agree if a["int8_method"] == args.int8), None)
     drop = None if chosen is None else chosen["top1_drop"]
     t, o, q = modes["torch"], modes["onnx_fp32"], modes["onnx_int8"]
     result = {"benchmark": "serve", "model": args.model, "img_size": args.img_size, "clients": args.clients,
               "threads": args.threads, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
               "int8_method": args.int8, "onnx_build_s": round(onnx_build_s, 1), "modes": modes,
-              "offline_int8_other_method": {"method": other, **bound_other},
+              "offline_int8_other_method": {"method": other, **bound[f"onnx_int8_{other}"].summary()},
               "onnx_ratio": round(o["rps"] / t["rps"], 3), "int8_ratio": round(q["rps"] / t["rps"], 3),
               "onnx_cpu_ratio": round(t["server_cpu_ms_per_request"] / o["server_cpu_ms_per_request"], 3),
               "int8_cpu_ratio": round(t["server_cpu_ms_per_request"] / q["server_cpu_ms_per_request"], 3),
               "served_vs_offline": {m: v["served_vs_offline"] for m, v in modes.items()},
+              "served_vs_offline_cpu": {m: v["served_vs_offline_cpu"] for m, v in modes.items()},
               "int8_verdict_agreement": None if chosen is None else round(chosen["verdict_agreement"], 4),
               "int8_top1_drop": None if drop is None else round(drop, 4),
               "agreement": agree,
