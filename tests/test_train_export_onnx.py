@@ -16,6 +16,9 @@ from mycodist.cli import main as cli
 from mycodist.config import load_config, save_config
 from mycodist.models import build_model
 from mycodist.serve.app import build_service_app
+from mycodist.serve.inference import load_export
+from mycodist.serve.onnx_runtime import build_predictor
+from mycodist.serve.verdict import SafetyRules
 from mycodist.train import checkpoint as ck
 from mycodist.train import onnx_export
 
@@ -53,6 +56,18 @@ def test_export_onnx_flag_writes_checked_graphs_that_serve_loads(tmp_path, capsy
     app = build_service_app(out, load_config(None, ["serve.runtime=onnxruntime", "serve.precision=int8",
                                                     "serve.int8_min_agreement=0"]))
     assert app is not None
+    # the feature OOD check works the same on ONNX Runtime: same scores and verdicts as PyTorch's
+    ex = load_export(out)
+    assert ex.feature_ood is not None
+    photos, _ = onnx_export.validation_images(cfg, 6)
+    answers = {}
+    for runtime in ("torch", "onnxruntime"):
+        serve = load_config(None, [f"serve.runtime={runtime}"]).serve
+        answers[runtime] = build_predictor(ex, out, SafetyRules.from_config(serve), serve).predict(list(photos))
+    for a, b in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        assert b["ood"]["score_name"] == "mahalanobis"
+        assert b["ood"]["score"] == pytest.approx(a["ood"]["score"], rel=1e-3, abs=1e-3)
+        assert b["verdict"]["code"] == a["verdict"]["code"] and b["model"]["runtime"] == "onnxruntime"
     # without the flag (and export.onnx=false, the default) no ONNX file is written
     assert cli(["export", str(run)]) == 0
     assert not (out / onnx_export.ONNX_FILE).exists()
