@@ -63,14 +63,23 @@ class LogitsAndFeatures(torch.nn.Module):
         return logits, feats
 
 
+def on_cpu(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """An fp32 CPU copy of `model` (export may run right after training, with the model on a GPU). With
+    `backend`, every attention module runs it; without, the kernel is chosen per call for the CPU."""
+    m = copy.deepcopy(model).cpu().float().eval()
+    for mod in m.modules():
+        if isinstance(mod, Attention):
+            if backend is not None:
+                mod.backend = backend
+            if hasattr(mod, "kernel"):  # a kernel resolved once for the training device must not carry over
+                mod.kernel = backend
+    return m
+
+
 def exportable(model: torch.nn.Module) -> LogitsAndFeatures:
     """A copy of `model` whose attention runs the plain `math` path: it exports to standard ONNX ops and
     never depends on flash-attn or FlexAttention, whatever backend the run trained with."""
-    m = copy.deepcopy(model).eval().float()
-    for mod in m.modules():
-        if isinstance(mod, Attention):
-            mod.backend = "math"
-    return LogitsAndFeatures(m)
+    return LogitsAndFeatures(on_cpu(model, "math"))
 
 
 def _sha256(path: Path) -> str:
@@ -183,8 +192,8 @@ def write_onnx(out_dir: str | Path, model: torch.nn.Module, images: torch.Tensor
     if images.ndim != 4 or len(images) == 0:
         raise UsageError("the ONNX export needs at least one validation photo to check the graph on")
     out = Path(out_dir)
-    model = model.eval().float()
-    images = images.float().contiguous()
+    model = on_cpu(model)  # the reference: the model as `serve.runtime=torch` runs it on a CPU
+    images = images.float().cpu().contiguous()
     export_fp32(model, out / ONNX_FILE, int(images.shape[-1]))
     ref_logits, ref_feats = run_torch(model, images, batch)
     logits32, feats32 = run_onnx(session(out / ONNX_FILE), images, batch)
