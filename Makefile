@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -e ".[dev,deepspeed]"
+	$(PIP) install --quiet -e ".[dev,deepspeed,onnx]"
 	touch $@
 
 # The serving page is tested in a real headless Chromium (Debian's package; no browser download).

@@ -41,6 +41,8 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
+        # `mycodist export --onnx` and serve.runtime=onnxruntime (docs/serving.md); CPU wheels, no torch pulled
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         # CUDA machines only; never installed by CI (it compiles against CUDA).
         "flash": ["flash-attn>=2.5"],
         "dev": [

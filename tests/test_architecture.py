@@ -60,7 +60,8 @@ def test_every_stage_is_listed():
 # (a checkpoint folder's own model file is train/checkpoint.py's).
 EXPORT_NAMES = {"model.safetensors": {"export/artifact.py", "train/checkpoint.py"},
                 "calibration.json": {"export/artifact.py"}, "ood.safetensors": {"export/artifact.py"},
-                "export.json": {"export/artifact.py"}}
+                "export.json": {"export/artifact.py"}, "model.onnx": {"export/artifact.py"},
+                "onnx.json": {"export/artifact.py"}, "onnx_val.safetensors": {"export/artifact.py"}}
 
 
 def test_export_file_names_are_defined_once():

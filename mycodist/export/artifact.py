@@ -9,6 +9,7 @@
       species.json        the catalogue (edibility, lookalikes, ...)
       calibration.json    temperature, ECE, OOD-score quantiles, `feature_ood`
       ood.safetensors     feature statistics for the feature-distance OOD score (optional)
+      model.onnx, model.int8.onnx, onnx.json, onnx_val.safetensors   ONNX Runtime graphs (optional, --onnx)
 
 The builder (mycodist.export.build) writes through `write_export`; predict and serve read through
 `read_export`, which names what is missing or too new. Version 1 (before export.json) still reads: its
@@ -37,6 +38,10 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = CONFIG_FILENAME
 CALIBRATION = "calibration.json"
 OOD_FILE = "ood.safetensors"
+ONNX_FILE = "model.onnx"  # with `mycodist export --onnx` (mycodist/export/onnx.py)
+INT8_FILE = "model.int8.onnx"
+ONNX_META = "onnx.json"
+ONNX_VAL = "onnx_val.safetensors"
 REQUIRED = (MODEL_FILE, CONFIG_FILE, CLASS_INDICES, SPECIES)
 
 

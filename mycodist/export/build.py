@@ -4,6 +4,8 @@ calibration.json (temperature fitted on validation, ECE before/after, OOD-score 
 ood.safetensors (class means and a shared precision matrix of the model's features on the TRAIN split,
 mycodist.models.ood; its threshold, chosen on validation, is calibration.json's `feature_ood`). Runs in one
 process from the newest complete checkpoint, on a GPU when there is one; the layout is artifact.py's.
+With `--onnx` (export.onnx=true) also model.onnx, model.int8.onnx, onnx.json and onnx_val.safetensors
+(mycodist/export/onnx.py).
 """
 
 from __future__ import annotations
@@ -183,6 +185,10 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
                                        {"score": meta["score"], "threshold": meta["threshold"]})
             calibration["feature_ood"] = meta
         atomic_write_json(tmp / artifact.CALIBRATION, calibration)
+        if bool(cfg.export.onnx):  # model.onnx + model.int8.onnx for ONNX Runtime (mycodist/export/onnx.py)
+            from mycodist.export.onnx import write_for_run
+
+            write_for_run(tmp, model, cfg)
 
     manifest = {"model_name": str(cfg.model.name), "model_config": model_config(cfg.model, len(labels)).to_dict(),
                 "weights": which, "step": calibration["step"]}

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a training run folder (train.output_dir)")
     parser.add_argument("--checkpoint", help="a checkpoint folder to export instead of the newest complete one")
     parser.add_argument("--device", default=None, help="where the calibration forwards run (default: a GPU if any)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write ONNX graphs (fp32 + int8) for serve.runtime=onnxruntime (= export.onnx=true)")
 
 
 def main(args: argparse.Namespace, cfg: DictConfig) -> int:
@@ -25,6 +27,8 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
         raise UsageError(f"'{run_dir}' is not a training run folder (no {CONFIG_FILENAME}); "
                          "pass the train.output_dir of a run")
     run_cfg = load_config(run_dir / CONFIG_FILENAME, args.overrides)
+    if args.onnx:
+        run_cfg.export.onnx = True
     ckpt = None
     if args.checkpoint:
         ckpt = Path(args.checkpoint)

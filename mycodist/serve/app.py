@@ -1,7 +1,8 @@
 """`mycodist serve --model EXPORT_DIR`: the web page and JSON API (aiohttp).
 
-Request path: admission (bounded in-flight count) → streamed, capped read of the upload into memory
-→ decode + preprocess in a thread pool → micro-batched forward pass in the model thread → verdict.
+Request path: per-client cap → upload slot + streamed, capped read of the body within a deadline
+(mycodist.serve.limits) → admission (bounded in-flight count) → decode + preprocess in a thread pool →
+micro-batched forward pass in the model thread → verdict.
 Bad input is answered 4xx with a one-line reason; nothing is ever written to disk (the multipart
 reader is used directly because `request.post()` spools file fields to temporary files).
 """
@@ -24,6 +25,8 @@ from omegaconf import DictConfig
 from mycodist.errors import UsageError
 from mycodist.serve.batcher import MicroBatcher, Overloaded, stats
 from mycodist.serve.inference import Predictor, load_export
+from mycodist.serve.limits import UploadGate, UploadLimits
+from mycodist.serve.onnx_runtime import build_predictor
 from mycodist.serve.openapi import openapi_document
 from mycodist.serve.page import render_error_page, render_result_page
 from mycodist.serve.preprocess import BadImage, decode_image, original_size
@@ -37,7 +40,8 @@ MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the image
 CHUNK = 64 * 1024
 # The server never inflates request bodies: a Content-Encoding is refused (415), so a gzip bomb is never
 # expanded, and the size cap counts the bytes that really arrive.
-RUNNER_KWARGS: dict[str, Any] = {"access_log": None, "auto_decompress": False}
+# A body left unread after an answer (429, 408, 413) is drained for at most 2 s, then the connection closes.
+RUNNER_KWARGS: dict[str, Any] = {"access_log": None, "auto_decompress": False, "lingering_time": 2.0}
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -72,14 +76,16 @@ class ServeSettings:
 class Service:
     """Everything one request needs: the predictor, the batcher, the decode pool and the admission count."""
 
-    def __init__(self, predictor: Predictor, settings: ServeSettings) -> None:
+    def __init__(self, predictor: Predictor, settings: ServeSettings, limits: UploadLimits | None = None) -> None:
         self.predictor = predictor
         self.settings = settings
+        self.gate = UploadGate(limits or UploadLimits())
         self.batcher: MicroBatcher[torch.Tensor, dict[str, Any]] = MicroBatcher(
             predictor.predict, settings.max_batch, settings.max_wait_ms, settings.queue_size)
         self.decoder = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
         self.in_flight = 0
-        # Uploads being read or decoded also hold memory: admit at most a queue's worth beyond the queue.
+        # Complete uploads being decoded or waiting also hold memory: at most a queue's worth beyond the queue.
+        # Uploads still being read are bounded by the gate's own cap, so they never hold these slots.
         self.max_in_flight = settings.queue_size + settings.max_batch + settings.decode_threads
 
     def _prepare(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -118,8 +124,12 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         if _is_api(request):
             resp = _json_error(e.status, e.text or e.reason, {k: v for k, v in e.headers.items()
                                                                if k in ("Retry-After", "Allow")})
+            if e.status == 408:
+                resp.force_close()  # a timed-out upload's connection is not kept alive
         else:
             e.headers.update(SECURITY_HEADERS)
+            if e.status == 408:
+                e.force_close()
             raise
     except Exception:
         log.exception("unexpected failure on %s %s", request.method, request.path)
@@ -188,21 +198,23 @@ async def _read_multipart(request: web.Request, cap: int) -> bytes:
 
 async def _assess_request(request: web.Request) -> dict[str, Any]:
     svc = request.app[SERVICE]
-    if svc.in_flight >= svc.max_in_flight:
-        raise web.HTTPServiceUnavailable(text="the server is busy; retry shortly",
-                                         headers={"Retry-After": str(svc.batcher.retry_after())})
-    svc.in_flight += 1
-    try:
-        data = await read_upload(request, svc.settings.max_upload_bytes)
-        return await svc.assess(data)
-    except BadImage as e:
-        cls = web.HTTPRequestEntityTooLarge if e.status == 413 else web.HTTPBadRequest
-        kwargs = {"max_size": svc.settings.max_upload_bytes, "actual_size": 0} if e.status == 413 else {}
-        raise cls(text=str(e), **kwargs) from None
-    except Overloaded as e:
-        raise web.HTTPServiceUnavailable(text=str(e), headers={"Retry-After": str(e.retry_after)}) from None
-    finally:
-        svc.in_flight -= 1
+    with svc.gate.client(request.remote):
+        async with svc.gate.reading_body(svc.batcher.retry_after()):
+            data = await svc.gate.within_deadline(read_upload(request, svc.settings.max_upload_bytes))
+        if svc.in_flight >= svc.max_in_flight:
+            raise web.HTTPServiceUnavailable(text="the server is busy; retry shortly",
+                                             headers={"Retry-After": str(svc.batcher.retry_after())})
+        svc.in_flight += 1
+        try:
+            return await svc.assess(data)
+        except BadImage as e:
+            cls = web.HTTPRequestEntityTooLarge if e.status == 413 else web.HTTPBadRequest
+            kwargs = {"max_size": svc.settings.max_upload_bytes, "actual_size": 0} if e.status == 413 else {}
+            raise cls(text=str(e), **kwargs) from None
+        except Overloaded as e:
+            raise web.HTTPServiceUnavailable(text=str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        finally:
+            svc.in_flight -= 1
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -238,13 +250,14 @@ async def species(request: web.Request) -> web.Response:
 
 
 def _model_json(svc: Service) -> dict[str, Any]:
-    return {k: svc.predictor.export.info[k] for k in ("id", "name", "version", "sha256")}
+    return svc.predictor.model_json()
 
 
 async def healthz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     return web.json_response({"status": "ok", "model": _model_json(svc),
-                              "queue": {**stats(svc.batcher), "in_flight": svc.in_flight}})
+                              "queue": {**stats(svc.batcher), "in_flight": svc.in_flight},
+                              "uploads": svc.gate.stats()})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -252,10 +265,10 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(s.max_upload_bytes, s.max_pixels))
 
 
-def create_app(predictor: Predictor, settings: ServeSettings) -> web.Application:
+def create_app(predictor: Predictor, settings: ServeSettings, limits: UploadLimits | None = None) -> web.Application:
     """The aiohttp application; the batcher starts with the app and stops with it."""
     app = web.Application(middlewares=[guard], client_max_size=settings.max_upload_bytes + MULTIPART_SLACK)
-    service = Service(predictor, settings)
+    service = Service(predictor, settings, limits)
     app[SERVICE] = service
 
     async def start(_: web.Application) -> None:
@@ -291,9 +304,8 @@ def build_service_app(export_dir: str | Path, cfg: DictConfig, builder: Any = No
             raise UsageError(f"serve.{key} must lie in [0, 1], got {getattr(rules, key)}")
     export = load_export(export_dir, device=device, builder=builder, ood_score=str(serve.ood_score),
                          ood_quantile=float(serve.ood_quantile))
-    predictor = Predictor(export, rules, top_k=int(serve.top_k), use_ood=bool(serve.ood), device=device,
-                          use_feature_ood=bool(serve.ood_features))
-    return create_app(predictor, ServeSettings.from_config(serve))
+    predictor = build_predictor(export, export_dir, rules, serve)  # serve.runtime / serve.precision
+    return create_app(predictor, ServeSettings.from_config(serve), UploadLimits.from_config(serve))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

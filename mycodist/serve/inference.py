@@ -244,6 +244,9 @@ class Predictor:
     `min_confidence` did not already turn away (docs/safety.md), so it would only add a second threshold.
     """
 
+    runtime = "torch"  # what computes the forward pass (mycodist.serve.onnx_runtime has the other)
+    precision = "fp32"
+
     def __init__(self, export: Export, rules: SafetyRules, top_k: int = 5, use_ood: bool = True,
                  device: str = "cpu", use_feature_ood: bool = True) -> None:
         self.export = export
@@ -303,7 +306,12 @@ class Predictor:
                           "common_name": s.common_name if s else "", "family": s.family if s else "",
                           "probability": p, "edibility": s.edibility if s else "unknown"})
         return {"top_k": top_k, "verdict": verdict.to_json(), "warning": WARNING,
-                "ood": ood_json, "model": {k: ex.info[k] for k in ("id", "name", "version", "sha256")}}
+                "ood": ood_json, "model": self.model_json()}
+
+    def model_json(self) -> dict[str, Any]:
+        """Which weights answered, and how: the runtime and precision of the forward pass."""
+        return {**{k: self.export.info[k] for k in ("id", "name", "version", "sha256")},
+                "runtime": self.runtime, "precision": self.precision}
 
     def answers(self, logits: torch.Tensor, feature_scores: torch.Tensor | None = None) -> list[dict[str, Any]]:
         scores = [None] * len(logits) if feature_scores is None else feature_scores.tolist()

@@ -34,7 +34,8 @@ def openapi_document(max_upload_bytes: int, max_pixels: int) -> dict[str, Any]:
     }
     model_schema = {"type": "object", "required": ["id", "version"],
                     "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                   "version": {"type": "string"}, "sha256": {"type": "string"}}}
+                                   "version": {"type": "string"}, "sha256": {"type": "string"},
+                                   "runtime": {"enum": ["torch", "onnxruntime"]}, "precision": {"enum": ["fp32", "int8"]}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "mycodist mushroom photo assessment", "version": __version__,
@@ -49,7 +50,10 @@ def openapi_document(max_upload_bytes: int, max_pixels: int) -> dict[str, Any]:
                     "400": {"description": "not an image, truncated, empty, too many pixels, or no `image` field",
                             "content": err},
                     "413": {"description": f"upload larger than {max_upload_bytes:,} bytes", "content": err},
+                    "408": {"description": "the body did not arrive within the upload deadline", "content": err},
                     "415": {"description": "unsupported content type or content encoding", "content": err},
+                    "429": {"description": "too many requests in progress from this address; see Retry-After",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}}, "content": err},
                     "503": {"description": "busy: the queue is full; see Retry-After",
                             "headers": {"Retry-After": {"schema": {"type": "integer"}}}, "content": err},
                 },

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
 from mycodist.serve.inference import Predictor, load_export
+from mycodist.serve.onnx_runtime import build_predictor
 from mycodist.serve.preprocess import BadImage, decode_image, original_size
 from mycodist.serve.verdict import WARNING, SafetyRules
 
@@ -77,8 +78,7 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
         raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {' '.join(args.images)}")
     export = load_export(args.model, device=str(serve.device), ood_score=str(serve.ood_score),
                          ood_quantile=float(serve.ood_quantile))
-    predictor = Predictor(export, SafetyRules.from_config(serve), top_k=top_k, use_ood=bool(serve.ood),
-                          device=str(serve.device), use_feature_ood=bool(serve.ood_features))
+    predictor = build_predictor(export, args.model, SafetyRules.from_config(serve), serve, top_k=top_k)
     failed = 0
     for answer in predict_files(predictor, files, int(serve.max_pixels), int(serve.max_upload_bytes),
                                 int(serve.max_batch)):
