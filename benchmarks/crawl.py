@@ -169,7 +169,7 @@ def main() -> None:
             dt, c = run_timed([sys.executable, "-m", "mycodist", "crawl", f"manifest:{urls}", "--out", str(dst),
                             f"crawl.max_side={args.size}", "crawl.jpeg_quality=90", f"crawl.processes={args.processes}",
                             f"crawl.concurrency={args.threads}", f"crawl.per_host={args.threads}",
-                            "crawl.progress=false", "data.shard_max_samples=1000", "data.val_fraction=0.0"], env, out)
+                            "crawl.progress=false", "shards.max_samples=1000", "shards.val_fraction=0.0"], env, out)
             counts["mycodist"] = count_samples(dst)
             results["mycodist"].append(counts["mycodist"] / dt)
             cpu["mycodist"].append(1000 * c / counts["mycodist"])

@@ -69,7 +69,7 @@ def make_data(root: Path, n: int, per_shard: int) -> tuple[Path, Path, list[byte
     shards, folders = root / "shards", root / "folders"
     rng = np.random.default_rng(0)
     jpgs = [photo_like(rng) for _ in range(n)]
-    cfg = load_config(None, [f"data.shard_max_samples={per_shard}"])
+    cfg = load_config(None, [f"shards.max_samples={per_shard}"])
     with DatasetWriter(shards, LABELS, [Species(lab, lab, lab) for lab in LABELS], cfg, source="bench") as w:
         for i, jpg in enumerate(jpgs):
             w.write("train", f"img{i:05d}", jpg, LABELS[i % len(LABELS)], {"url": None})

@@ -55,7 +55,7 @@ def bench_baseline(samples, out: Path, maxcount: int) -> float:
 def bench_writer(samples, out: Path, maxcount: int) -> tuple[float, float]:
     labels = [f"species_{c}" for c in range(CLASSES)]
     species = [Species(lab, f"Species {c}", "", edibility="unknown") for c, lab in enumerate(labels)]
-    cfg = load_config(None, [f"data.shard_max_samples={maxcount}"])
+    cfg = load_config(None, [f"shards.max_samples={maxcount}"])
     t0 = time.perf_counter()
     w = DatasetWriter(out, labels, species, cfg, source="bench")
     for key, jpg, label, meta in samples:

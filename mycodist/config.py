@@ -88,6 +88,12 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
 RENAMED: dict[str, str] = {
     "model.attn_drop": "model.attn_drop_rate",
     "model.layer_scale_init": "model.init_values",
+    "data.val_fraction": "shards.val_fraction",
+    "data.shard_max_samples": "shards.max_samples",
+    "data.shard_max_bytes": "shards.max_bytes",
+    "data.ingest_jpeg_quality": "shards.ingest_jpeg_quality",
+    "data.ingest_max_side": "shards.ingest_max_side",
+    "data.ingest_workers": "shards.ingest_workers",
 }
 
 
@@ -99,6 +105,18 @@ def renamed(key: str, origin: str = "") -> str:
     warnings.warn(f"config key '{key}' is now '{new}'{f' ({origin})' if origin else ''}; the old name stops "
                   f"working in mycodist 0.3", FutureWarning, stacklevel=3)
     return new
+
+
+def select(cfg: Any, key: str) -> Any:
+    """`key` from a config that may have been saved under an older name (a run or data set folder's
+    config.yaml from before a rename)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        for old, new in RENAMED.items():
+            if new == key:
+                value = OmegaConf.select(cfg, old)
+                break
+    return value
 
 
 def _merge_checked(base: DictConfig, update: DictConfig, valid: Sequence[str], origin: str) -> None:

@@ -49,4 +49,4 @@ def expected_content(site) -> Counter[tuple[str, str]]:
 def crawl_cfg(base_url: str, *items: str):
     return load_config(None, [f"crawl.base_url={base_url}", f"crawl.wildfooduk_url={base_url}/wildfooduk/mushroom-guide/",
                               "crawl.backoff_base=0.02", "crawl.processes=1", "crawl.progress=false",
-                              "data.shard_max_samples=4", *items])
+                              "shards.max_samples=4", *items])

@@ -39,7 +39,7 @@ def make_shards(out: Path, train: list[int], val: list[int] = (), size: tuple[in
     n = 0
     shard_sizes = [("train", c) for c in train] + [("val", c) for c in val]
     for i, (split, count) in enumerate(shard_sizes):
-        cfg = config(f"data.shard_max_samples={count}")
+        cfg = config(f"shards.max_samples={count}")
         with DatasetWriter(out, LABELS, SPECIES, cfg, source="test", resume=i > 0) as w:
             for _ in range(count):
                 key = f"s{n:05d}"

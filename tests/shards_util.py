@@ -36,12 +36,12 @@ def config(*overrides: str):
     return load_config(None, list(overrides))
 
 
-def make_dataset(out: Path, per_label: int = 8, overrides: tuple[str, ...] = ("data.shard_max_samples=5",),
+def make_dataset(out: Path, per_label: int = 8, overrides: tuple[str, ...] = ("shards.max_samples=5",),
                  **writer_kwargs) -> dict:
     """A real 3-class data set written through DatasetWriter; returns its manifest."""
     cfg = config(*overrides)
     keys = {lab: [f"{lab}-{i:04d}" for i in range(per_label)] for lab in LABELS}
-    splits = assign_splits(keys, float(cfg.data.val_fraction))
+    splits = assign_splits(keys, float(cfg.shards.val_fraction))
     with DatasetWriter(out, LABELS, SPECIES, cfg, source="test", **writer_kwargs) as w:
         for lab, ks in keys.items():
             for i, k in enumerate(ks):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "mycodist"
-BASE = {"config", "catalog", "atomic", "errors", "devices"}
+BASE = {"config", "catalog", "atomic", "errors", "devices", "preprocess"}
 ALLOWED = {
     "shards": set(),
     "synth": {"shards"},
@@ -74,3 +74,22 @@ def test_export_file_names_are_defined_once():
     extra = {name: sorted(where - EXPORT_NAMES[name]) for name, where in found.items() if where - EXPORT_NAMES[name]}
     assert not extra, f"export file names restated outside mycodist/export/artifact.py: {extra}"
     assert all(found.values()), found  # the check sees the definitions themselves
+
+
+def test_eval_transform_settings_are_resolved_once():
+    """`eval_crop`, and the `data.img_size` 0 → `model.img_size` rule, live in mycodist/preprocess.py only."""
+    found = set()
+    for path in ROOT.rglob("*.py"):
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.value if isinstance(node, ast.Constant) else None
+            if name in ("eval_crop", "img_size") and isinstance(node, (ast.Attribute, ast.Constant)):
+                if name == "eval_crop" or _reads_data_img_size(node):
+                    found.add(rel)
+    assert found == {"preprocess.py"}, f"eval transform settings read outside mycodist/preprocess.py: {sorted(found)}"
+
+
+def _reads_data_img_size(node: ast.AST) -> bool:
+    """`<x>.data.img_size` or `d.img_size` where d is the data group: any `.data.img_size` / ("data")..img_size."""
+    return (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "data")

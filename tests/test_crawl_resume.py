@@ -28,7 +28,7 @@ def site():
 def crawl_cmd(site, out) -> list[str]:
     return [sys.executable, "-m", "mycodist", "crawl", "mushroomworld", "--out", str(out),
             f"crawl.base_url={site.url}", "crawl.backoff_base=0.02", "crawl.processes=1",
-            "crawl.per_host=2", "data.shard_max_samples=3", "data.val_fraction=0.0"]
+            "crawl.per_host=2", "shards.max_samples=3", "shards.val_fraction=0.0"]
 
 
 def run(cmd, env_extra=None) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mycodist.crawl.sources import mushroomworld, wildfooduk
-from mycodist.crawl.sources.manifest import ManifestSource
+from mycodist.crawl.sources.url_list import ManifestSource
 from mycodist.errors import UsageError
 
 NAMELIST = """<div id="name-list"><div class="item"><a href="/show?n=Agaricus-arvensis">Agaricus arvensis</a>

@@ -22,6 +22,7 @@ from mycodist.data.transforms import (
     to_output,
 )
 from mycodist.errors import UsageError
+from mycodist.preprocess import EvalPreprocess
 
 
 def gradient_jpeg(w: int, h: int) -> bytes:
@@ -62,7 +63,7 @@ def test_draft_decoding_matches_full_decoding():
 
 
 def test_eval_crop_is_the_centre():
-    cfg = ImageConfig(size=32, eval_crop=0.5)
+    cfg = ImageConfig(size=32, eval=EvalPreprocess(size=32, eval_crop=0.5))
     arr = np.zeros((100, 200, 3), np.uint8)
     arr[25:75, 75:125] = 255  # a white centre square: half the shorter side
     buf = io.BytesIO()

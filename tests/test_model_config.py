@@ -56,3 +56,22 @@ def test_resume_compares_architecture_not_the_attention_kernel():
     now = {"name": "vit_tiny_patch16", "attn_drop_rate": 0.0, "init_values": 0.0, "attention": "sdpa"}
     assert model_config_diff(old, now) == []
     assert model_config_diff(old, {**now, "init_values": 0.1}) == ["model.init_values: 0.0 → 0.1"]
+
+
+def test_shard_writer_keys_moved_to_their_own_group():
+    with pytest.warns(FutureWarning, match="'data.shard_max_samples' is now 'shards.max_samples'"):
+        cfg = load_config(None, ["data.shard_max_samples=7", "shards.ingest_workers=1"])
+    assert cfg.shards.max_samples == 7 and "shard_max_samples" not in cfg.data
+
+
+def test_a_folder_saved_before_the_rename_reads_the_same_settings():
+    from omegaconf import OmegaConf
+
+    from mycodist.config import select
+    from mycodist.synth.cli import output_settings
+
+    old = OmegaConf.create({"synth": {"species": 4, "format": "shards"},
+                            "data": {"val_fraction": 0.2, "shard_max_samples": 9, "shard_max_bytes": 100}})
+    new = OmegaConf.create({"synth": {"species": 4, "format": "shards"},
+                            "shards": {"val_fraction": 0.2, "max_samples": 9, "max_bytes": 100}})
+    assert output_settings(old) == output_settings(new) and select(old, "shards.max_samples") == 9

@@ -19,7 +19,7 @@ WRITER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from shards_util import LABELS, SPECIES, config, jpeg
     from mycodist.shards import DatasetWriter
-    w = DatasetWriter(sys.argv[1], LABELS, SPECIES, config("data.shard_max_samples=5"),
+    w = DatasetWriter(sys.argv[1], LABELS, SPECIES, config("shards.max_samples=5"),
                       on_shard_closed=lambda split, path, keys: print("closed", path.name, flush=True))
     for i in range(8):
         w.write("train", f"k{{i:03d}}", jpeg(noise_seed=i), LABELS[i % 3], {{}})
@@ -50,7 +50,7 @@ def test_killed_writer_leaves_no_acceptable_half_shard(tmp_path):
     assert any("no manifest.json" in p for p in verify_dataset(out))
 
     # resume keeps the complete shard, drops the temporary one, and numbers new shards after it
-    with DatasetWriter(out, LABELS, SPECIES, config("data.shard_max_samples=5"), resume=True) as w:
+    with DatasetWriter(out, LABELS, SPECIES, config("shards.max_samples=5"), resume=True) as w:
         assert w.keys == {f"k{i:03d}" for i in range(5)}
         for i in range(5, 12):
             w.write("train", f"k{i:03d}", jpeg(noise_seed=i), LABELS[i % 3], {})

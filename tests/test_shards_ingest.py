@@ -58,7 +58,7 @@ def kaggle_tree(tmp_path):
 
 def test_ingest_folder_handles_bad_files(kaggle_tree, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["ingest", "folder", str(kaggle_tree), "--out", str(out), "--quiet", "data.ingest_workers=1"])
+    rc = main(["ingest", "folder", str(kaggle_tree), "--out", str(out), "--quiet", "shards.ingest_workers=1"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ingested 9 images in 3 classes" in printed and "skipped 5 files" in printed
@@ -99,7 +99,7 @@ def test_ingest_folder_handles_bad_files(kaggle_tree, tmp_path, capsys):
 
     # the same tree with worker processes gives byte-identical shards
     out2 = tmp_path / "out2"
-    assert main(["ingest", "folder", str(kaggle_tree), "--out", str(out2), "--quiet", "data.ingest_workers=2"]) == 0
+    assert main(["ingest", "folder", str(kaggle_tree), "--out", str(out2), "--quiet", "shards.ingest_workers=2"]) == 0
     assert [s.sha256 for s in read_manifest(out2).shards] == [s.sha256 for s in m.shards]
 
 
@@ -129,7 +129,7 @@ def test_ingest_known_species_and_config_after_subcommand(tmp_path):
         "scientific_name": "Boletus edulis", "common_name": "Penny bun", "edibility": "choice"}}))
     out = tmp_path / "out"
     assert main(["ingest", "folder", str(tmp_path / "src"), "--out", str(out), "--config", str(tmp_path / "c.yaml"),
-                 "--species", str(tmp_path / "sp.json"), "--quiet", "data.ingest_workers=1"]) == 0
+                 "--species", str(tmp_path / "sp.json"), "--quiet", "shards.ingest_workers=1"]) == 0
     m = read_manifest(out)
     assert m.splits == ["train"] and m.samples() == 3
     recs = [s["json"] for s in wds.WebDataset(m.paths("train"), shardshuffle=False).decode()]

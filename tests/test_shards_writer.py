@@ -58,7 +58,7 @@ def test_contract_read_back_with_plain_tarfile(tmp_path):
     assert len(keys) == len(set(keys)) == 3 * 8
     assert manifest["samples"] == 24 and manifest["num_classes"] == 3
     assert manifest["totals"]["val"]["class_counts"] == {"0": 1, "1": 1, "2": 1}  # round(8 * 0.15) = 1 each
-    assert manifest["config"]["data"]["shard_max_samples"] == 5
+    assert manifest["config"]["shards"]["max_samples"] == 5
 
 
 def test_contract_read_back_with_webdataset(tmp_path):
@@ -79,7 +79,7 @@ def test_contract_read_back_with_webdataset(tmp_path):
 
 
 def test_shard_limits_by_samples_and_bytes(tmp_path):
-    cfg = config("data.shard_max_samples=1000", "data.shard_max_bytes=12000")
+    cfg = config("shards.max_samples=1000", "shards.max_bytes=12000")
     big = jpeg(size=(64, 64), quality=95)
     with DatasetWriter(tmp_path, LABELS, SPECIES, cfg) as w:
         for i in range(12):
@@ -88,7 +88,7 @@ def test_shard_limits_by_samples_and_bytes(tmp_path):
     assert len(m.shards) > 1 and m.samples("train") == 12
     for s in m.shards:
         assert s.bytes <= 12000 or s.samples == 1
-    cfg = config("data.shard_max_samples=4")
+    cfg = config("shards.max_samples=4")
     with DatasetWriter(tmp_path / "n", LABELS, SPECIES, cfg) as w:
         for i in range(10):
             w.write("train", f"k{i:03d}", jpeg(), LABELS[0], {})
@@ -137,7 +137,7 @@ def test_write_rejects_bad_samples(tmp_path):
 def test_failure_inside_writer_leaves_no_manifest_and_no_temp_files(tmp_path):
     closed = []
     with pytest.raises(RuntimeError):
-        with DatasetWriter(tmp_path, LABELS, SPECIES, config("data.shard_max_samples=2"),
+        with DatasetWriter(tmp_path, LABELS, SPECIES, config("shards.max_samples=2"),
                            on_shard_closed=lambda split, path, keys: closed.append((split, path.name, keys,
                                                                                    path.is_file()))) as w:
             for i in range(3):

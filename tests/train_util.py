@@ -34,7 +34,7 @@ def make_shards(out: Path, per_class: int = 20, size: int = 48) -> Path:
             px = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 60, (size, size, 3)), 0, 255)
             Image.fromarray(px.astype(np.uint8)).save(d / f"{i:03d}.jpg", quality=90)
     subprocess.run([sys.executable, "-m", "mycodist", "ingest", "folder", str(folders), "--out", str(out), "--quiet",
-                    "data.ingest_workers=1", "data.val_fraction=0.2"], check=True, cwd=REPO, capture_output=True)
+                    "shards.ingest_workers=1", "shards.val_fraction=0.2"], check=True, cwd=REPO, capture_output=True)
     return out
 
 

@@ -138,7 +138,7 @@ class Crawl:
             key = photo_key(p.url, p.label)
             by_label[p.label].append(key)
             photos.append((p.url, key, p.label))
-        splits = assign_splits(dict(by_label), float(self.cfg.data.val_fraction))
+        splits = assign_splits(dict(by_label), float(self.cfg.shards.val_fraction))
         W, i = self.c.num_workers_total, self.c.worker_index
         ledger.add_photos((u, k, lab, splits[k]) for u, k, lab in photos if worker_of(u, W) == i)
         return labels, list(species.values())
@@ -192,7 +192,7 @@ class Crawl:
         self._install_signals(loop)
         writer: DatasetWriter | None = None
         try:
-            async with Fetcher(FetchSettings.from_cfg(self.c)) as fetcher:
+            async with Fetcher(FetchSettings.from_config(self.c)) as fetcher:
                 found = await self.source.discover(fetcher)
                 labels, species = self._plan(ledger, found)
 

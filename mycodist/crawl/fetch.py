@@ -53,7 +53,7 @@ class FetchSettings:
     respect_robots: bool = True
 
     @classmethod
-    def from_cfg(cls, c: Any) -> FetchSettings:
+    def from_config(cls, c: Any) -> FetchSettings:
         return cls(user_agent=c.user_agent, concurrency=c.concurrency, per_host=c.per_host,
                    rps_per_host=c.rps_per_host, retries=c.retries, backoff_base=c.backoff_base,
                    backoff_max=c.backoff_max, max_retry_after=c.max_retry_after,

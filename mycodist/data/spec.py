@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_class_indices, load_species
-from mycodist.data.sources import expand_pattern, is_local, join_url, local_path, open_url, read_bytes
+from mycodist.data.urls import expand_pattern, is_local, join_url, local_path, open_url, read_bytes
 from mycodist.errors import UsageError
 from mycodist.shards.manifest import FORMAT, MANIFEST, ManifestError, check_manifest
 from mycodist.shards.tarshard import split_member

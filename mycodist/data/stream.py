@@ -18,7 +18,7 @@ from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mycodist.data.layout import Piece
-from mycodist.data.sources import open_url
+from mycodist.data.urls import open_url
 from mycodist.shards.tarshard import split_member
 
 log = logging.getLogger("mycodist.data")

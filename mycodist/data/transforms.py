@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from mycodist.errors import UsageError
+from mycodist.preprocess import EvalPreprocess, scale_shift
 
 OUTPUTS = ("float", "uint8")
 
@@ -58,9 +59,15 @@ class ImageConfig:
     mixup_prob: float = 1.0
     output: str = "float"
     channels_last: bool = False
-    eval_crop: float = 0.875
     draft: bool = True
     reducing_gap: float = 2.0
+    eval: EvalPreprocess | None = None  # the eval transform (mycodist/preprocess.py); None = defaults at `size`
+
+    @property
+    def eval_transform(self) -> EvalPreprocess:
+        if self.eval is not None:
+            return self.eval
+        return EvalPreprocess(size=self.size, mean=self.mean, std=self.std, draft=self.draft)
 
     @property
     def mixing(self) -> bool:
@@ -69,14 +76,16 @@ class ImageConfig:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ImageConfig:
         d = cfg.data
-        size = int(d.img_size) or int(cfg.model.img_size)
-        ic = cls(size=size, scale=_pair(d.scale, "data.scale"), ratio=_pair(d.ratio, "data.ratio"),
+        try:
+            ev = EvalPreprocess.from_config(cfg)  # also the one place of "data.img_size 0 = model.img_size"
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        ic = cls(size=ev.size, scale=_pair(d.scale, "data.scale"), ratio=_pair(d.ratio, "data.ratio"),
                  hflip=float(d.hflip), color_jitter=float(d.color_jitter),
                  mean=_triple(d.mean, "data.mean"), std=_triple(d.std, "data.std"),
                  mixup_alpha=float(d.mixup_alpha), cutmix_alpha=float(d.cutmix_alpha),
                  mixup_prob=float(d.mixup_prob), output=resolve_output(str(d.output)), channels_last=bool(d.channels_last),
-                 eval_crop=float(d.eval_crop), draft=bool(d.draft),
-                 reducing_gap=float(d.get("reducing_gap", cls.reducing_gap)))
+                 draft=ev.draft, eval=ev, reducing_gap=float(d.get("reducing_gap", cls.reducing_gap)))
         ic.check()
         return ic
 
@@ -87,8 +96,6 @@ class ImageConfig:
             raise UsageError(f"data.scale={list(self.scale)} must satisfy 0 < min <= max <= 1")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise UsageError(f"data.ratio={list(self.ratio)} must satisfy 0 < min <= max")
-        if not (0 < self.eval_crop <= 1):
-            raise UsageError(f"data.eval_crop={self.eval_crop} must be in (0, 1], e.g. 0.875")
         if self.output not in OUTPUTS:
             raise UsageError(f"data.output='{self.output}' must be one of auto, {', '.join(OUTPUTS)}")
         if self.reducing_gap != 0 and self.reducing_gap < 1:
@@ -180,21 +187,14 @@ def decode_train(data: bytes, cfg: ImageConfig, rng: random.Random, out: np.ndar
     return _store(small, flip, out)
 
 
-def eval_box(width: int, height: int, crop: float) -> tuple[float, float, float, float]:
-    """Resize-shorter-side-to size/crop then centre-crop size ≡ this centred square of the original."""
-    side = min(width, height) * crop
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return x0, y0, x0 + side, y0 + side
-
-
 def decode_eval(data: bytes, cfg: ImageConfig, out: np.ndarray | None = None) -> np.ndarray:
-    """Centre crop (eval_crop share of the shorter side) resized to (size, size, 3) uint8.
-
-    No `reducing_gap` here: the serving transform must reproduce this exactly (tests/serve)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img, box = _draft(img, eval_box(img.size[0], img.size[1], cfg.eval_crop), cfg.size, cfg.draft)
-        small = img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box)
-    return _store(small, False, out)
+    """The eval transform's pixels (mycodist/preprocess.py, shared with export and serving), written into
+    `out` (a batch slot) when given."""
+    pixels = cfg.eval_transform.decode(data)
+    if out is None:
+        return pixels
+    np.copyto(out, pixels)
+    return out
 
 
 def empty_batch(shape: tuple[int, ...], dtype: torch.dtype, shared: bool,
@@ -276,8 +276,7 @@ def to_output(x: torch.Tensor, cfg: ImageConfig, shared: bool = False) -> torch.
             return nchw
         return empty_batch(tuple(nchw.shape), torch.uint8, shared, fmt).copy_(nchw)
     out = empty_batch(tuple(nchw.shape), torch.float32, shared, fmt)
-    scale = [1 / (255 * s) for s in cfg.std]
-    shift = [m / s for m, s in zip(cfg.mean, cfg.std, strict=True)]
+    scale, shift = scale_shift(cfg.mean, cfg.std)
     if cfg.channels_last:  # NHWC in memory on both sides: whole-tensor ops run contiguously
         out.copy_(nchw)
         return out.mul_(torch.tensor(scale).view(1, 3, 1, 1)).sub_(torch.tensor(shift).view(1, 3, 1, 1))
@@ -289,6 +288,6 @@ def to_output(x: torch.Tensor, cfg: ImageConfig, shared: bool = False) -> torch.
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """For `data.output=uint8`: normalise an NCHW uint8 batch where it lands (e.g. on the GPU)."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - m) / s
+    scale, shift = scale_shift(mean, std)  # the arithmetic of every other path: x * scale - shift
+    return (images.float() * torch.tensor(scale, device=images.device).view(1, -1, 1, 1)
+            - torch.tensor(shift, device=images.device).view(1, -1, 1, 1))

@@ -24,6 +24,7 @@ from mycodist.config import CONFIG_FILENAME, load_config, save_config
 from mycodist.errors import UsageError
 from mycodist.export import artifact
 from mycodist.models import ood
+from mycodist.preprocess import EvalPreprocess
 from mycodist.train import checkpoint as ck
 
 log = logging.getLogger(__name__)
@@ -191,5 +192,5 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
             write_for_run(tmp, model, cfg)
 
     manifest = {"model_name": str(cfg.model.name), "model_config": model_config(cfg.model, len(labels)).to_dict(),
-                "weights": which, "step": calibration["step"]}
+                "preprocess": EvalPreprocess.from_config(cfg).to_dict(), "weights": which, "step": calibration["step"]}
     return artifact.write_export(run_dir, write_files, manifest)

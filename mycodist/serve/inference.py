@@ -197,7 +197,8 @@ def _sha256(path: Path) -> str:
 def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuilder | None = None,
                 ood_score: str = "neg_energy", ood_quantile: float = 0.05) -> Export:
     """Load and check everything once, at start-up, so a broken export fails before serving a request."""
-    d = read_export(export_dir).path  # layout and version checked; names what is missing
+    folder = read_export(export_dir)  # layout and version checked; names what is missing
+    d = folder.path
     try:
         cfg = OmegaConf.load(d / CONFIG_FILE)
     except Exception as e:
@@ -211,7 +212,8 @@ def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuild
         log.warning("%d classes have no species record (treated as unknown edibility): %s", len(missing), missing[:5])
     temperature, ood = read_calibration(d / CALIBRATION, ood_score, ood_quantile)
     try:
-        transform = EvalTransform.from_config(cfg)
+        pre = folder.manifest.get("preprocess")  # version 2 records the eval transform; version 1: from config
+        transform = EvalTransform.from_dict(pre) if pre else EvalTransform.from_config(cfg)
     except ValueError as e:
         raise UsageError(f"'{d / CONFIG_FILE}': {e}") from None
 

@@ -143,11 +143,11 @@ def ingest_folder(root: Path, out: Path, cfg: DictConfig, *, species_file: str |
     """Ingest `root` into a data set at `out`; returns the ingest report (also saved as ingest_report.json)."""
     classes, skipped = scan_folder(root, out)
     known = load_species(species_file) if species_file else {}
-    quality = int(cfg.data.ingest_jpeg_quality)
-    max_side = int(cfg.data.ingest_max_side)
+    quality = int(cfg.shards.ingest_jpeg_quality)
+    max_side = int(cfg.shards.ingest_max_side)
     if not 1 <= quality <= 100:
-        raise UsageError(f"data.ingest_jpeg_quality must be 1..100, got {quality}")
-    workers = int(cfg.data.ingest_workers) or os.cpu_count() or 1
+        raise UsageError(f"shards.ingest_jpeg_quality must be 1..100, got {quality}")
+    workers = int(cfg.shards.ingest_workers) or os.cpu_count() or 1
     jobs = [(label, f) for label, (_, files) in classes.items() for f in files]
     out.mkdir(parents=True, exist_ok=True)
     keys_by_label: dict[str, list[str]] = {}
@@ -183,7 +183,7 @@ def ingest_folder(root: Path, out: Path, cfg: DictConfig, *, species_file: str |
             raise UsageError(f"no readable images under '{root}' ({len(skipped)} files skipped); nothing written")
         labels = sorted(keys_by_label)
         empty = sorted(set(classes) - set(labels))
-        splits = assign_splits(keys_by_label, float(cfg.data.val_fraction))
+        splits = assign_splits(keys_by_label, float(cfg.shards.val_fraction))
         report = {
             "dir": str(root), "images": len(offsets), "classes": len(labels),
             "per_split": dict(Counter(splits.values())),

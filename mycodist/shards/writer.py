@@ -73,7 +73,7 @@ def jpeg_size(jpg: bytes) -> tuple[int, int]:
 class DatasetWriter:
     """Write samples into `{split}-{index:06d}.tar` shards in `out_dir`, then the side files and manifest.
 
-    Shards close at cfg.data.shard_max_samples samples or before passing cfg.data.shard_max_bytes bytes
+    Shards close at cfg.shards.max_samples samples or before passing cfg.shards.max_bytes bytes
     (a single larger sample still gets its own shard). Without `resume`, a data set already in `out_dir`
     is replaced (its manifest is removed first, so it is never half-valid). With `resume`, complete
     shards are kept, their keys count as written, and new shards are numbered after them.
@@ -86,10 +86,10 @@ class DatasetWriter:
         self.cfg = cfg
         self.source = source
         self.on_shard_closed = on_shard_closed
-        self.max_samples = int(cfg.data.shard_max_samples)
-        self.max_bytes = int(cfg.data.shard_max_bytes)
+        self.max_samples = int(cfg.shards.max_samples)
+        self.max_bytes = int(cfg.shards.max_bytes)
         if self.max_samples < 1 or self.max_bytes < 1:
-            raise ValueError("data.shard_max_samples and data.shard_max_bytes must be positive")
+            raise ValueError("shards.max_samples and shards.max_bytes must be positive")
         self.class_of = self._check_labels(self.labels)
         self.species = self._check_species(species)
         self._open: dict[str, ShardFile] = {}

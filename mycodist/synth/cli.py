@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from mycodist.atomic import atomic_write_bytes
 from mycodist.catalog import CLASS_INDICES, SPECIES, save_class_indices, save_species
-from mycodist.config import CONFIG_FILENAME, save_config
+from mycodist.config import CONFIG_FILENAME, save_config, select
 from mycodist.errors import UsageError
 from mycodist.synth.generate import SynthSettings, generate_dataset, photo_key
 
 # files a fresh checkout keeps in an otherwise empty output folder (shards/README.md)
 IGNORABLE = ("README", "README.md", "README.txt", ".gitignore", ".gitkeep")
 # config keys besides synth.* that change what lands in the folder (synth.workers never does)
-OUTPUT_KEYS = ("data.val_fraction", "data.shard_max_samples", "data.shard_max_bytes")
+OUTPUT_KEYS = ("shards.val_fraction", "shards.max_samples", "shards.max_bytes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def output_settings(cfg: DictConfig | dict) -> dict[str, Any]:
     synth.pop("workers", None)
     out = {f"synth.{k}": v for k, v in synth.items()}
     if out.get("synth.format", "shards") == "shards":
-        out.update({k: OmegaConf.select(c, k) for k in OUTPUT_KEYS})
+        out.update({k: select(c, k) for k in OUTPUT_KEYS})  # also from a folder written before a key rename
     return out
 
 
@@ -102,7 +102,7 @@ def _write_shards(out: Path, cfg: DictConfig, settings: SynthSettings, species: 
     labels = [s.label for s in species]
     # keys are known before any photo is rendered, so splits are too
     keys = {lab: [photo_key(lab, i) for i in range(settings.per_species)] for lab in labels}
-    splits = assign_splits(keys, float(cfg.data.val_fraction))
+    splits = assign_splits(keys, float(cfg.shards.val_fraction))
     by_label = {s.label: s for s in species}
     counts: dict[str, int] = {}
     with DatasetWriter(out, labels, species, cfg, source="synth") as writer:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mycodist.preprocess import resolve_img_size
 from mycodist.train.board import confusion_figure, prediction_grid
 from mycodist.train.metrics import classification_report
 
@@ -38,7 +39,7 @@ class Evaluator:
         if self._loader is None:
             self._loader = make_eval_loader(t.cfg, e.rank, e.world_size, spec=t.spec, pin_memory=e.device.type == "cuda")
         it = iter(self._loader)
-        size = int(t.cfg.model.img_size)
+        size = resolve_img_size(t.cfg)
         dummy = torch.zeros(1, 3, size, size, device=e.device)
         logits, labels, keys, grid = [], [], [], None
         while True:

@@ -17,7 +17,11 @@ from mycodist.serve.preprocess import BadImage, EvalTransform, decode_image, ori
 @pytest.mark.parametrize("size,fmt", [((96, 64), "JPEG"), ((64, 200), "JPEG"), ((1600, 1200), "JPEG"),
                                       ((300, 257), "PNG")])
 def test_eval_transform_matches_the_loader(size, fmt):
-    """The serving copy of the eval path must give the loader's exact tensor (it may not import it)."""
+    """One eval transform (mycodist/preprocess.py): an upload decoded by serving (EXIF, draft from the upright
+    original size) gives the loader's exact tensor."""
+    from mycodist.preprocess import EvalPreprocess
+
+    assert EvalTransform is EvalPreprocess  # not a copy held equal by this test
     from mycodist.data.transforms import ImageConfig, decode_eval, to_output
 
     cfg = load_config(None, ["model.img_size=64"])

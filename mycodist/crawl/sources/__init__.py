@@ -44,7 +44,7 @@ def open_source(spec: str, crawl_cfg: Any) -> Source:
 
         return WildFoodUK(crawl_cfg.wildfooduk_url)
     if spec.startswith("manifest:"):
-        from mycodist.crawl.sources.manifest import ManifestSource
+        from mycodist.crawl.sources.url_list import ManifestSource
 
         return ManifestSource(spec[len("manifest:"):], crawl_cfg.url_column, crawl_cfg.label_column)
     raise UsageError(f"unknown source '{spec}'; use mushroomworld, wildfooduk or manifest:PATH "
