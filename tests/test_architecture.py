@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "mycodist"
-BASE = {"config", "catalog", "atomic", "errors"}
+BASE = {"config", "catalog", "atomic", "errors", "lookalikes"}
 ALLOWED = {
     "shards": set(),
     "synth": {"shards"},

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
 from mycodist.serve.batcher import MicroBatcher, Overloaded, stats
+from mycodist.serve.failsafe import allow_flag, require_calibrated
 from mycodist.serve.inference import Predictor, load_export
 from mycodist.serve.openapi import openapi_document
 from mycodist.serve.page import render_error_page, render_result_page
@@ -285,12 +286,10 @@ def build_service_app(export_dir: str | Path, cfg: DictConfig, builder: Any = No
     device = str(serve.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"serve.device={device} but no CUDA device is available; use serve.device=cpu")
-    rules = SafetyRules.from_config(serve)
-    for key in ("min_confidence", "poison_mass", "lookalike_mass"):
-        if not 0.0 <= getattr(rules, key) <= 1.0:
-            raise UsageError(f"serve.{key} must lie in [0, 1], got {getattr(rules, key)}")
+    rules = SafetyRules.from_config(serve)  # validates every threshold
     export = load_export(export_dir, device=device, builder=builder, ood_score=str(serve.ood_score),
                          ood_quantile=float(serve.ood_quantile))
+    require_calibrated(export.info, allow_flag(serve), export_dir)
     predictor = Predictor(export, rules, top_k=int(serve.top_k), use_ood=bool(serve.ood), device=device,
                           use_feature_ood=bool(serve.ood_features))
     return create_app(predictor, ServeSettings.from_config(serve))

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
+from mycodist.serve.failsafe import allow_flag, require_calibrated
 from mycodist.serve.inference import Predictor, load_export
 from mycodist.serve.preprocess import BadImage, decode_image, original_size
 from mycodist.serve.verdict import WARNING, SafetyRules
@@ -75,9 +76,11 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
     files = list(iter_images(args.images))
     if not files:
         raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {' '.join(args.images)}")
+    rules = SafetyRules.from_config(serve)  # validates every threshold before the model loads
     export = load_export(args.model, device=str(serve.device), ood_score=str(serve.ood_score),
                          ood_quantile=float(serve.ood_quantile))
-    predictor = Predictor(export, SafetyRules.from_config(serve), top_k=top_k, use_ood=bool(serve.ood),
+    require_calibrated(export.info, allow_flag(serve), args.model)
+    predictor = Predictor(export, rules, top_k=top_k, use_ood=bool(serve.ood),
                           device=str(serve.device), use_feature_ood=bool(serve.ood_features))
     failed = 0
     for answer in predict_files(predictor, files, int(serve.max_pixels), int(serve.max_upload_bytes),

@@ -21,9 +21,10 @@ import torch
 from omegaconf import DictConfig
 
 from mycodist.atomic import atomic_write_json
-from mycodist.catalog import CLASS_INDICES, SPECIES
+from mycodist.catalog import CLASS_INDICES, SPECIES, load_species, save_species
 from mycodist.config import CONFIG_FILENAME, load_config, save_config
 from mycodist.errors import UsageError
+from mycodist.lookalikes import merge_catalogue, reference_from_config
 from mycodist.models import ood
 from mycodist.train import checkpoint as ck
 
@@ -176,9 +177,10 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE),
               metadata={"format": "pt", "model": str(cfg.model.name), "num_classes": str(len(labels))})
     save_config(cfg, tmp)
-    for name in (CLASS_INDICES, SPECIES):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, tmp / name)
+    if (run_dir / CLASS_INDICES).is_file():
+        shutil.copyfile(run_dir / CLASS_INDICES, tmp / CLASS_INDICES)
+    if (run_dir / SPECIES).is_file():  # joined with the lookalike reference once more (docs/lookalikes.md)
+        save_species(tmp / SPECIES, merge_catalogue(load_species(run_dir / SPECIES), reference_from_config(cfg)).values())
     if feature_ood is not None:
         stats, meta = feature_ood
         ood.save_feature_gaussians(tmp / OOD_FILE, stats, {"score": meta["score"], "threshold": meta["threshold"]})
