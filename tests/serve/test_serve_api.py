@@ -10,7 +10,17 @@ import threading
 
 import aiohttp
 import pytest
-from serve_util import CALIBRATED, LABELS, full_builder, logits_for, make_export, photo, png_bomb, run_client, tiny_builder
+from serve_util import (
+    CALIBRATED,
+    LABELS,
+    full_builder,
+    logits_for,
+    make_export,
+    photo,
+    png_bomb,
+    run_client,
+    tiny_builder,
+)
 
 from mycodist.config import load_config
 from mycodist.errors import UsageError
