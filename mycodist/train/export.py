@@ -161,6 +161,7 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
     from mycodist.catalog import load_class_indices
 
     labels = load_class_indices(labels_file)
+    reference = reference_from_config(cfg)  # a bad catalog.references fails here, before the model work
     weights, which = export_weights(ckpt, cfg)
     model = build_model(cfg.model, len(labels))
     model.load_state_dict(weights, strict=True)
@@ -180,7 +181,7 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
     if (run_dir / CLASS_INDICES).is_file():
         shutil.copyfile(run_dir / CLASS_INDICES, tmp / CLASS_INDICES)
     if (run_dir / SPECIES).is_file():  # joined with the lookalike reference once more (docs/lookalikes.md)
-        save_species(tmp / SPECIES, merge_catalogue(load_species(run_dir / SPECIES), reference_from_config(cfg)).values())
+        save_species(tmp / SPECIES, merge_catalogue(load_species(run_dir / SPECIES), reference).values())
     if feature_ood is not None:
         stats, meta = feature_ood
         ood.save_feature_gaussians(tmp / OOD_FILE, stats, {"score": meta["score"], "threshold": meta["threshold"]})
