@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mycodist", "mycodist.*"]),
-    package_data={"mycodist": ["serve/static/*"]},
+    package_data={"mycodist": ["serve/static/*", "reference/*.csv"]},
     data_files=[
         ("share/mycodist/configs", [str(p.relative_to(HERE)) for p in (HERE / "configs").glob("*.yaml")]),
         ("share/mycodist/configs/accelerate", [str(p.relative_to(HERE)) for p in (HERE / "configs" / "accelerate").glob("*.yaml")]),

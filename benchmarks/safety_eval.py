@@ -11,8 +11,12 @@ OOD score → verdict), batched. The OOD check is the one serving uses: the expo
   and top-1 accuracy on those;
 - ood_abstention: share of generated non-mushroom images (plain textures, drawn objects) answered
   `not_identified` (goal ≥ 90%); also with the OOD check off, to show what the score adds.
-Baselines in the same run: the same model with the OOD check off, and with only the logit score (what
-serving did before the feature score). `--feature-ood N` adds the comparison the feature score was chosen
+- rules_val / rules_ood: how many photos each safety rule fired on (every rule is evaluated and named in
+  the verdict's reasons, so a photo can count under several);
+- catalogue: classes with lookalikes, with a lookalike record, edibility disagreements.
+Baselines in the same run: the same model with the OOD check off, with only the logit score (what
+serving did before the feature score), and `baseline_without_lookalike_data`: the catalogue as it was
+before the lookalike reference (no lookalikes, no records, `require_lookalike_record` off). `--feature-ood N` adds the comparison the feature score was chosen
 by: features (pre-logits alone vs pre-logits + mean patch token) x score (Mahalanobis vs relative
 Mahalanobis), fitted on N training photos, each at the threshold that keeps 95% of validation photos.
 `--ood-seed` draws a different set of generated non-mushrooms (choose on one seed, report on another).
@@ -22,6 +26,7 @@ Last line: JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import io
 import json
@@ -36,8 +41,9 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
-from mycodist.catalog import EDIBLE, TOXIC
+from mycodist.catalog import EDIBLE, TOXIC, Species
 from mycodist.config import load_config
+from mycodist.lookalikes import edibility_conflict
 from mycodist.models import ood
 from mycodist.serve.inference import Predictor, load_export
 from mycodist.serve.preprocess import decode_image
@@ -172,6 +178,24 @@ def verdicts(predictor: Predictor, logits: torch.Tensor, scores: torch.Tensor | 
     return predictor.answers(logits, scores)
 
 
+def without_lookalike_data(species: dict[str, Species]) -> dict[str, Species]:
+    """The catalogue as crawled before the lookalike reference existed: no links, notes or records."""
+    out = {}
+    for lab, sp in species.items():
+        d = sp.to_json()
+        d.update(lookalikes=[], lookalike_notes={}, lookalike_record="")
+        out[lab] = Species.from_json(lab, d)
+    return out
+
+
+def catalogue_figures(species: dict[str, Species], labels: list[str]) -> dict:
+    classes = [species[lab] for lab in labels if lab in species]
+    return {"classes": len(labels), "with_lookalikes": sum(bool(s.lookalikes) for s in classes),
+            "with_lookalike_record": sum(bool(s.lookalike_record) for s in classes),
+            "lookalike_links_between_classes": sum(lk in labels for s in classes for lk in s.lookalikes) // 2,
+            "edibility_disagreements": {s.label: edibility_conflict(s) for s in classes if edibility_conflict(s)}}
+
+
 def auroc(in_dist: torch.Tensor, out: torch.Tensor) -> float:
     """P(an OOD image scores higher than an in-distribution one); ties count half."""
     diff = out.double()[:, None] - in_dist.double()[None, :]
@@ -225,6 +249,9 @@ def main() -> None:
                            use_feature_ood=bool(s.ood_features))
     logit_ood = Predictor(export, rules, top_k=int(s.top_k), use_ood=bool(s.ood), use_feature_ood=False)
     without_ood = Predictor(export, rules, top_k=int(s.top_k), use_ood=False)
+    bare = dataclasses.replace(export, species=without_lookalike_data(export.species))
+    no_lookalikes = Predictor(bare, dataclasses.replace(rules, require_lookalike_record=False), top_k=int(s.top_k),
+                              use_ood=bool(s.ood), use_feature_ood=bool(s.ood_features))
 
     samples = val_samples(args.shards)
     truth = [lab for _, lab in samples]
@@ -246,8 +273,10 @@ def main() -> None:
         covered = [i for i, c in enumerate(codes) if c != NOT_IDENTIFIED]
         toxic = [i for i, lab in enumerate(truth) if edib(lab) in TOXIC]
         edible = [i for i, lab in enumerate(truth) if edib(lab) in EDIBLE]
-        ood = [a["verdict"]["code"] for a in verdicts(pred, ood_logits, ood_scores if uses_scores else None)]
+        ood_answers = verdicts(pred, ood_logits, ood_scores if uses_scores else None)
+        ood = [a["verdict"]["code"] for a in ood_answers]
         tex, obj = ood[:n_tex], ood[n_tex:]
+        edible_top = [i for i, a in enumerate(val) if a["top_k"][0]["edibility"] in EDIBLE]
         return {
             "val_photos": len(codes),
             "top1": round(sum(t == y for t, y in zip(top1, truth, strict=True)) / max(1, len(truth)), 4),
@@ -265,6 +294,10 @@ def main() -> None:
             "ood_abstention_objects": round(obj.count(NOT_IDENTIFIED) / max(1, len(obj)), 4),
             "ood_as_edible": ood.count(EDIBLE_SPECIES),
             "verdicts_ood": dict(Counter(ood)),
+            "rules_val": dict(sorted(Counter(r for a in val for r in a["verdict"]["rules"]).items())),
+            "rules_ood": dict(sorted(Counter(r for a in ood_answers for r in a["verdict"]["rules"]).items())),
+            "edible_top_photos": len(edible_top),
+            "edible_top_verdicts": dict(Counter(codes[i] for i in edible_top)),
         }
 
     result = {"benchmark": "safety_eval", "export": str(args.export), "model": export.info["id"],
@@ -272,9 +305,12 @@ def main() -> None:
               "ood_rule": (export.info["feature_ood"] if configured.feature_ood is not None
                            else export.info["ood"] if configured.ood is not None else None),
               "rules": {k: getattr(rules, k) for k in ("min_confidence", "poison_mass", "lookalike_mass",
-                                                       "unknown_is_toxic")},
+                                                       "unknown_is_toxic", "require_lookalike_record")},
+              "uncalibrated": export.info.get("uncalibrated", ""),
+              "catalogue": catalogue_figures(export.species, export.labels),
               "configured": summarise(configured), "baseline_without_ood": summarise(without_ood),
-              "baseline_logit_ood_only": summarise(logit_ood)}
+              "baseline_logit_ood_only": summarise(logit_ood),
+              "baseline_without_lookalike_data": summarise(no_lookalikes)}
     if configured.feature_ood is not None and logit_ood.ood is not None:
         # both checks at once: the logit rule's verdicts, turned into not_identified where the feature score fires
         t = configured.feature_ood.threshold

@@ -14,8 +14,11 @@ mkdir -p "$DEMO_DIR"
 
 echo "== 1/5 local copy of the site: $SPECIES synthetic species x $PER_SPECIES photos, all faults on"
 rm -f "$DEMO_DIR/mock-site.url"
+# The site's pages name no lookalikes (as mushroom.world's don't): the synthetic species' own pairs are
+# written as a lookalike reference and merged into the crawled catalogue with the packaged one.
 "$PY" -m mycodist mock-site --port "$PORT" --species "$SPECIES" --per-species "$PER_SPECIES" --size 256 \
-    --faults all --ready-file "$DEMO_DIR/mock-site.url" >"$DEMO_DIR/mock-site.log" 2>&1 &
+    --faults all --ready-file "$DEMO_DIR/mock-site.url" --reference-out "$DEMO_DIR/lookalikes.csv" \
+    >"$DEMO_DIR/mock-site.log" 2>&1 &
 SITE_PID=$!
 trap 'kill $SITE_PID 2>/dev/null || true' EXIT
 for _ in $(seq 900); do
@@ -27,7 +30,7 @@ done
 
 echo "== 2/5 crawl it politely into shards"
 "$PY" -m mycodist crawl mushroomworld --out "$DEMO_DIR/shards" "crawl.base_url=$(cat "$DEMO_DIR/mock-site.url")" \
-    crawl.near_dup=true
+    crawl.near_dup=true "catalog.references=[$DEMO_DIR/lookalikes.csv]"
 kill $SITE_PID 2>/dev/null || true
 wait $SITE_PID 2>/dev/null || true
 tail -n 2 "$DEMO_DIR/mock-site.log"
@@ -42,7 +45,7 @@ echo "== 4/5 train ViT-Tiny/8 at 48 px on 2 CPU processes (eval every epoch, exp
 # so the mushroom stays in view (docs/results.md has the recipes tried).
 "$PY" -m mycodist train --nproc 2 "data.shards=$DEMO_DIR/shards" "train.output_dir=$DEMO_DIR/run" \
     model.name=vit_tiny_patch8 model.img_size=48 train.batch_size=32 "train.epochs=$EPOCHS" train.lr=0.008 \
-    "data.scale=[0.5,1.0]" data.workers=1
+    "data.scale=[0.5,1.0]" data.workers=1 "catalog.references=[$DEMO_DIR/lookalikes.csv]"
 "$PY" -m mycodist.train.curves "$DEMO_DIR/run" "$DEMO_DIR/run/curve.png"
 
 echo "== 5/5 predict three held-out photos with the export (what the web page serves)"

@@ -3,6 +3,9 @@
 Files (the shard contract, docs/shards.md):
 - `class_indices.json`: `{"0": "agaricus_arvensis", ...}` (the original project's format);
 - `species.json`: `{label: {scientific_name, common_name, family, edibility, lookalikes, source, ...}}`.
+
+`lookalike_notes`, `lookalike_record` and `edibility_sources` are filled by mycodist.lookalikes when a
+catalogue is merged with the reference of dangerous confusions (docs/lookalikes.md).
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ def normalize_edibility(text: str | None) -> str:
     return "unknown"
 
 
+FIELDS = ("scientific_name", "common_name", "family", "edibility", "lookalikes", "source", "facts", "lookalike_notes",
+          "lookalike_record", "edibility_sources")
+
+
 @dataclass
 class Species:
     label: str
@@ -66,6 +73,10 @@ class Species:
     lookalikes: list[str] = field(default_factory=list)
     source: str = ""
     facts: dict[str, Any] = field(default_factory=dict)  # location, dimensions, description, ...
+    # per lookalike label: {scientific_name, edibility, syndrome, features, citation, source}
+    lookalike_notes: dict[str, dict[str, str]] = field(default_factory=dict)
+    lookalike_record: str = ""  # where the lookalike list comes from; "" = nobody recorded any
+    edibility_sources: dict[str, str] = field(default_factory=dict)  # source → level it gave
 
     def __post_init__(self) -> None:
         if self.edibility not in EDIBILITY:
@@ -78,7 +89,7 @@ class Species:
 
     @classmethod
     def from_json(cls, label: str, d: Mapping[str, Any]) -> Species:
-        known = {k: d[k] for k in ("scientific_name", "common_name", "family", "edibility", "lookalikes", "source", "facts") if k in d}
+        known = {k: d[k] for k in FIELDS if k in d}
         known.setdefault("scientific_name", "")
         known.setdefault("common_name", "")
         return cls(label=label, **known)

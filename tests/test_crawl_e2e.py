@@ -11,15 +11,18 @@ from crawl_helpers import content, crawl_cfg, expected_content, pixel_hash
 
 from mycodist.cli import main as cli_main
 from mycodist.crawl.crawler import crawl
-from mycodist.crawl.mock_site import FAULTS, MockSite, simple_photo
+from mycodist.crawl.mock_site import FAULTS, MockSite, simple_photo, write_synth_reference
 
 
 @pytest.fixture
-def site_factory():
+def site_factory(tmp_path_factory):
     started = []
 
     def make(**kw):
         site = MockSite(**{"n_species": 3, "per_species": 4, **kw})
+        # the site's pages name no lookalikes; its own pairs come as a reference (as in `make demo`)
+        site.reference_file = tmp_path_factory.mktemp("ref") / "lookalikes.csv"
+        write_synth_reference(site.reference_file, len(site.species))
         url = site.start_in_thread()
         started.append(site)
         return site, url
@@ -42,6 +45,9 @@ def check_output(site, out, per_host: int = 4) -> dict:
         got = species[label]
         assert (got["scientific_name"], got["common_name"], got["family"], got["edibility"]) == \
             (sp.scientific_name, sp.common_name, sp.family, sp.edibility)
+        assert sorted(got["lookalikes"]) == sorted(sp.lookalikes) and got["lookalike_record"]
+        for lk in sp.lookalikes:  # what tells them apart travels with the link
+            assert got["lookalike_notes"][lk]["features"] and got["lookalike_notes"][lk]["citation"]
     stats = site.stats.to_json()
     assert stats["disallowed_requests"] == 0
     assert max(stats["peak_concurrent_per_host"].values()) <= per_host
@@ -54,7 +60,8 @@ def check_output(site, out, per_host: int = 4) -> dict:
 def test_each_fault_alone_and_all(site_factory, tmp_path, fault):
     faults = FAULTS if fault == "all" else (fault,)
     site, url = site_factory(faults=faults)
-    crawl("mushroomworld", tmp_path / "out", crawl_cfg(url, "crawl.near_dup=true"))
+    crawl("mushroomworld", tmp_path / "out", crawl_cfg(url, "crawl.near_dup=true",
+                                                         f"catalog.references=[{site.reference_file}]"))
     report = check_output(site, tmp_path / "out")
     reasons = {r for by in report["by_reason"].values() for r in by}
     want = {"404": "http_404", "truncated": "truncated", "html": "not_image", "bomb": "too_many_pixels",
@@ -89,7 +96,7 @@ def test_per_host_cap_is_never_exceeded(site_factory, tmp_path):
 @pytest.mark.slow
 def test_wildfooduk_markup(site_factory, tmp_path):
     site, url = site_factory()
-    crawl("wildfooduk", tmp_path / "out", crawl_cfg(url))
+    crawl("wildfooduk", tmp_path / "out", crawl_cfg(url, f"catalog.references=[{site.reference_file}]"))
     check_output(site, tmp_path / "out")
 
 
@@ -143,3 +150,28 @@ def test_manifest_with_bad_rows(site_factory, tmp_path):
     assert content(tmp_path / "out") == expected_content(site)
     species = json.loads((tmp_path / "out" / "species.json").read_text())
     assert species[site.species[0].label]["scientific_name"] == site.species[0].scientific_name
+
+
+@pytest.mark.slow
+def test_a_site_calling_the_death_cap_edible_ends_up_deadly(site_factory, tmp_path, capsys):
+    """The packaged reference overrules a source that calls a deadly species edible, keeps the
+    disagreement on record (species.json and `mycodist stats`) and links its lookalikes both ways."""
+    site, url = site_factory(n_species=2, per_species=3)
+    rows = ["Scientific_Name,Edibility,Link"]
+    for name, sp in (("Amanita phalloides", site.species[0]), ("Agaricus campestris", site.species[1])):
+        rows += [f"{name},Edible and good,{url}/data/fungi/{site._name(sp, i)}" for i in range(3)]
+    csv = tmp_path / "urls.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    crawl(f"manifest:{csv}", tmp_path / "out", crawl_cfg(url))
+    species = json.loads((tmp_path / "out" / "species.json").read_text())
+    cap, field = species["amanita_phalloides"], species["agaricus_campestris"]
+    assert cap["edibility"] == "deadly"
+    assert cap["edibility_sources"] == {"manifest:urls.csv": "edible", "reference:lookalikes.csv": "deadly"}
+    assert "agaricus_campestris" in cap["lookalikes"] and "amanita_phalloides" in field["lookalikes"]
+    assert field["edibility"] == "edible" and field["lookalike_notes"]["amanita_virosa"]["edibility"] == "deadly"
+    assert "volva" in field["lookalike_notes"]["amanita_phalloides"]["features"]
+    capsys.readouterr()
+    assert cli_main(["stats", str(tmp_path / "out"), "--report", str(tmp_path / "report"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "edibility disagreement: amanita_phalloides" in out and "deadly is used" in out
+    assert "Sources disagree on edibility" in (tmp_path / "report" / "report.md").read_text()

@@ -20,12 +20,13 @@ PAGE = """<html><body><div class="caption"><b>Amanita phalloides</b> (Death cap)
 <div class="labelus">Family:</div><div class="textus">Amanitaceae</div>
 <div class="labelus">Edibility:</div><div class="textus">Deadly poisonous</div>
 <div class="labelus">Description:</div><div class="longtextus">Greenish cap.<br>White gills.</div>
+<div class="labelus">Similar species:</div><div class="textus">Agaricus campestris; Russula virescens</div>
 <div id="mushroom-list"><div class="image"><a href="data/fungi/Amanitaphalloides1.jpg" title="Amanita phalloides">
 <img src="thumb.jpg"></a></div><div class="image"><a href="/data/fungi/Amanitaphalloides2.jpg"></a></div></div>
 </body></html>"""
 
 WILD = """<div id="mushroom-title"><h1>Blushing Rosette</h1></div>
-<p><strong>Latin name:</strong> Abortiporus biennis</p><p>Edibility: Inedible</p>
+<p><strong>Latin name:</strong> Abortiporus biennis</p><p>Edibility: Inedible</p><p>Lookalikes: Xus yus</p>
 <div id="thumblist"><a href="/wp-content/uploads/2023/02/Blushing-rosette-8.jpg"><img src="/t/small.jpg"></a></div>"""
 
 
@@ -36,6 +37,7 @@ def test_mushroomworld_markup():
     assert (sp.label, sp.scientific_name, sp.common_name) == ("amanita_phalloides", "Amanita phalloides", "Death cap")
     assert (sp.family, sp.edibility, sp.facts["edibility_text"]) == ("Amanitaceae", "deadly", "Deadly poisonous")
     assert sp.facts["description"] == "Greenish cap. White gills."
+    assert sp.lookalikes == ["Agaricus campestris", "Russula virescens"] and "similar species" not in sp.facts
     assert photos == ["https://m.example/data/fungi/Amanitaphalloides1.jpg",
                       "https://m.example/data/fungi/Amanitaphalloides2.jpg"]
 
@@ -45,6 +47,7 @@ def test_wildfooduk_markup_and_unknown_edibility():
                                   "https://w.example/mushroom-guide/") == ["https://w.example/m/x/"]
     sp, photos = wildfooduk.parse_species_page(WILD, "https://w.example/m/x/")
     assert (sp.label, sp.common_name, sp.edibility) == ("abortiporus_biennis", "Blushing Rosette", "inedible")
+    assert sp.lookalikes == ["Xus yus"]
     assert photos == ["https://w.example/wp-content/uploads/2023/02/Blushing-rosette-8.jpg"]
     bare, _ = wildfooduk.parse_species_page('<div id="mushroom-title"><h1>Odd one</h1></div>', "https://w.example/o/")
     assert (bare.label, bare.edibility) == ("odd_one", "unknown")
@@ -58,6 +61,9 @@ def test_original_csv_formats(tmp_path):
     assert [p.label for p in d.photos] == ["agaricus_arvensis"] * 2
     sp = d.species["agaricus_arvensis"]
     assert (sp.scientific_name, sp.common_name, sp.edibility) == ("Agaricus arvensis", "Horse mushroom", "unknown")
+    c = tmp_path / "with_lookalikes.csv"
+    c.write_text("label,url,lookalikes\nAgaricus arvensis,https://x.org/A1.jpg,Amanita virosa; Amanita phalloides\n")
+    assert ManifestSource(str(c)).read().species["agaricus_arvensis"].lookalikes == ["Amanita virosa", "Amanita phalloides"]
     b = tmp_path / "mushroom_uk_images.csv"
     b.write_text("Common_Name,Link\nblushing_rosette,https://w.org/B-8.jpg\n")
     assert [p.label for p in ManifestSource(str(b)).read().photos] == ["blushing_rosette"]

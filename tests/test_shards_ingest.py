@@ -91,7 +91,9 @@ def test_ingest_folder_handles_bad_files(kaggle_tree, tmp_path, capsys):
     species = json.loads((out / "species.json").read_text())
     assert species["agaricus_arvensis"]["scientific_name"] == "Agaricus arvensis"
     assert species["golden_chanterelle"]["common_name"] == "Golden Chanterelle"
-    assert {s["edibility"] for s in species.values()} == {"unknown"}
+    # a folder name says nothing about edibility; the lookalike reference knows Agaricus arvensis
+    assert {lab: s["edibility"] for lab, s in species.items()} == {
+        "agaricus_arvensis": "edible", "golden_chanterelle": "unknown", "boletus_bonus": "unknown"}
     # every class with >= 2 images has validation samples; boletus_bonus has one valid image
     val, train = m.class_counts("val"), m.class_counts("train")
     assert val.get(0, 0) >= 1 and val.get(2, 0) >= 1 and (val.get(1, 0), train[1]) == (0, 1)
@@ -134,3 +136,23 @@ def test_ingest_known_species_and_config_after_subcommand(tmp_path):
     assert m.splits == ["train"] and m.samples() == 3
     recs = [s["json"] for s in wds.WebDataset(m.paths("train"), shardshuffle=False).decode()]
     assert {(r["width"], r["height"], r["edibility"], r["common_name"]) for r in recs} == {(20, 15, "choice", "Penny bun")}
+
+
+def test_ingest_joins_the_lookalike_reference(tmp_path):
+    """Folder names are binomials: the reference gives the death cap its danger, whatever --species says,
+    and both species their lookalikes (what tells them apart included)."""
+    root = tmp_path / "tree"
+    for name in ("Amanita phalloides", "Agaricus campestris"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            (root / name / f"{i}.jpg").write_bytes(jpeg((120, 160, 90), noise_seed=i + len(name)))
+    known = tmp_path / "species.json"
+    known.write_text(json.dumps({"amanita_phalloides": {"scientific_name": "Amanita phalloides",
+                                                        "edibility": "edible", "source": "my notes"}}))
+    assert main(["ingest", "folder", str(root), "--out", str(tmp_path / "out"), "--species", str(known),
+                 "--quiet"]) == 0
+    species = json.loads((tmp_path / "out" / "species.json").read_text())
+    cap, field = species["amanita_phalloides"], species["agaricus_campestris"]
+    assert cap["edibility"] == "deadly" and cap["edibility_sources"]["my notes"] == "edible"
+    assert "agaricus_campestris" in cap["lookalikes"] and "amanita_phalloides" in field["lookalikes"]
+    assert field["lookalike_notes"]["amanita_verna"]["edibility"] == "deadly"  # not a class, danger known

@@ -53,13 +53,22 @@ def test_merge_joins_renumbers_and_links(tmp_path, capsys):
     assert [s.sha256 for s in read_manifest(tmp_path / "copied").shards] == [s.sha256 for s in m.shards]
 
 
-def test_merge_refuses_conflicts_and_overlaps(tmp_path, capsys):
+def test_merge_keeps_the_most_dangerous_edibility_and_refuses_name_conflicts(tmp_path, capsys):
     a = worker_output(tmp_path / "a", ["amanita_pallida", "boletus_bonus"], "a")
     other = Species("boletus_bonus", "Boletus bonus", "Good bolete", edibility="poisonous")
     c = worker_output(tmp_path / "c", ["boletus_bonus"], "c", species=[other])
-    assert main(["merge-manifests", str(tmp_path / "m1"), str(a), str(c)]) == 2
+    assert main(["merge-manifests", str(tmp_path / "m0"), str(a), str(c)]) == 0
+    sp = json.loads((tmp_path / "m0" / "species.json").read_text())["boletus_bonus"]
+    assert sp["edibility"] == "poisonous"
+    assert sorted(sp["edibility_sources"].values()) == ["choice", "poisonous"]
+    notes = read_manifest(tmp_path / "m0").data["merge_notes"]
+    assert any("kept the more dangerous 'poisonous'" in n for n in notes)
+
+    renamed = Species("boletus_bonus", "Boletus malus", "Good bolete", edibility="choice")
+    e = worker_output(tmp_path / "e", ["boletus_bonus"], "e", species=[renamed])
+    assert main(["merge-manifests", str(tmp_path / "m1"), str(a), str(e)]) == 2
     err = capsys.readouterr().err
-    assert "disagree" in err and "'boletus_bonus' edibility: 'choice'" in err and "'poisonous'" in err
+    assert "disagree" in err and "'boletus_bonus' scientific_name" in err
     assert not (tmp_path / "m1" / "manifest.json").exists()
 
     d = worker_output(tmp_path / "d", ["boletus_bonus"], "a")  # keys a-000... again

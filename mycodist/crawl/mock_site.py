@@ -16,6 +16,7 @@ import threading
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from PIL import Image, ImageDraw
 from mycodist.atomic import atomic_write_text
 from mycodist.catalog import Species
 from mycodist.errors import UsageError
+from mycodist.lookalikes import write_reference
 
 FAULTS = ("500", "429", "404", "truncated", "html", "slow", "redirect", "dup", "near", "bomb", "disallowed", "tiny",
           "noai")
@@ -317,6 +319,14 @@ def parse_faults(text: str) -> tuple[str, ...]:
     return tuple(f.strip() for f in text.split(",") if f.strip())
 
 
+def write_synth_reference(path: str | Path, n_species: int, seed: int = 0) -> None:
+    """The served synthetic species' own lookalike pairs as a reference CSV: the site's pages, like
+    mushroom.world's, name no lookalikes, so the demo's crawl gets them from this reference."""
+    from mycodist.synth.species import make_catalogue, reference_rows
+
+    write_reference(path, reference_rows(make_catalogue(n_species, seed)))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
@@ -327,6 +337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faults", default="", help=f"comma list of {', '.join(FAULTS)}; or 'all'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ready-file", metavar="FILE", help="write the base URL here once listening (for scripts)")
+    parser.add_argument("--reference-out", metavar="FILE",
+                        help="write the served species' lookalike pairs as a reference CSV (for catalog.references)")
 
 
 async def _serve(site: MockSite, host: str, port: int, ready_file: str | None) -> None:
@@ -352,6 +364,8 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
     if args.species < 1 or args.per_species < 1 or args.size < 32:
         raise UsageError("--species and --per-species must be >= 1 and --size >= 32")
     site = MockSite(args.species, args.per_species, args.size, parse_faults(args.faults), args.delay, args.seed)
+    if args.reference_out:
+        write_synth_reference(args.reference_out, args.species, args.seed)
     try:
         asyncio.run(_serve(site, args.host, args.port, args.ready_file))
     except OSError as e:

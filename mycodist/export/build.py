@@ -19,10 +19,11 @@ import torch
 from omegaconf import DictConfig
 
 from mycodist.atomic import atomic_write_json
-from mycodist.catalog import CLASS_INDICES
+from mycodist.catalog import CLASS_INDICES, SPECIES, load_species, save_species
 from mycodist.config import CONFIG_FILENAME, load_config, save_config
 from mycodist.errors import UsageError
 from mycodist.export import artifact
+from mycodist.lookalikes import merge_catalogue, reference_from_config
 from mycodist.models import ood
 from mycodist.preprocess import EvalPreprocess
 from mycodist.train import checkpoint as ck
@@ -164,6 +165,7 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
             raise UsageError(f"'{run_dir}' has no complete checkpoint under {ck.CKPT_DIR}/; train first")
         ckpt = done[-1]
     labels = load_class_indices(run_dir / CLASS_INDICES)
+    reference = reference_from_config(cfg)  # a bad catalog.references fails here, before the model work
     weights, which = export_weights(ckpt, cfg)
     dev = export_device(device)
     cfg = runnable_attention(cfg, dev)
@@ -186,6 +188,8 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
                                        {"score": meta["score"], "threshold": meta["threshold"]})
             calibration["feature_ood"] = meta
         atomic_write_json(tmp / artifact.CALIBRATION, calibration)
+        if (run_dir / SPECIES).is_file():  # joined with the lookalike reference once more (docs/lookalikes.md)
+            save_species(tmp / SPECIES, merge_catalogue(load_species(run_dir / SPECIES), reference).values())
         if bool(cfg.export.onnx):  # model.onnx + model.int8.onnx for ONNX Runtime (mycodist/export/onnx.py)
             from mycodist.export.onnx import write_for_run
 

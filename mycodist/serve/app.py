@@ -24,13 +24,13 @@ from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
 from mycodist.serve.batcher import MicroBatcher, Overloaded, stats
-from mycodist.serve.inference import Predictor, load_export
+from mycodist.serve.inference import Predictor
 from mycodist.serve.limits import UploadGate, UploadLimits
-from mycodist.serve.onnx_runtime import build_predictor
 from mycodist.serve.openapi import openapi_document
 from mycodist.serve.page import render_error_page, render_result_page
 from mycodist.serve.preprocess import BadImage, decode_image, original_size
-from mycodist.serve.verdict import WARNING, SafetyRules
+from mycodist.serve.verdict import WARNING
+from mycodist.serve.wiring import make_predictor
 
 log = logging.getLogger(__name__)
 
@@ -291,20 +291,9 @@ def create_app(predictor: Predictor, settings: ServeSettings, limits: UploadLimi
 
 
 def build_service_app(export_dir: str | Path, cfg: DictConfig, builder: Any = None) -> web.Application:
-    """Load the export once and wire it to the `serve` config group."""
+    """Load the export once and wire it to the `serve` config group (serve/wiring.py, shared with predict)."""
     serve = cfg.serve
-    if int(serve.torch_threads) > 0:
-        torch.set_num_threads(int(serve.torch_threads))
-    device = str(serve.device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"serve.device={device} but no CUDA device is available; use serve.device=cpu")
-    rules = SafetyRules.from_config(serve)
-    for key in ("min_confidence", "poison_mass", "lookalike_mass"):
-        if not 0.0 <= getattr(rules, key) <= 1.0:
-            raise UsageError(f"serve.{key} must lie in [0, 1], got {getattr(rules, key)}")
-    export = load_export(export_dir, device=device, builder=builder, ood_score=str(serve.ood_score),
-                         ood_quantile=float(serve.ood_quantile))
-    predictor = build_predictor(export, export_dir, rules, serve)  # serve.runtime / serve.precision
+    predictor = make_predictor(export_dir, serve, builder=builder)
     return create_app(predictor, ServeSettings.from_config(serve), UploadLimits.from_config(serve))
 
 

@@ -35,6 +35,7 @@ from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_class_indices
 from mycodist.errors import UsageError
 from mycodist.export.artifact import CALIBRATION, CONFIG_FILE, MODEL_FILE, OOD_FILE, read_export
 from mycodist.models import ood as feature_ood
+from mycodist.serve.failsafe import calibration_problems
 from mycodist.serve.preprocess import EvalTransform
 from mycodist.serve.verdict import WARNING, SafetyRules, decide
 
@@ -233,7 +234,8 @@ def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuild
             "temperature": temperature,
             "ood": None if ood is None else {"score": ood.score, "threshold": ood.threshold, "source": ood.source,
                                              "ood_when": "below"},
-            "feature_ood": None if feature_rule is None else feature_rule.describe()}
+            "feature_ood": None if feature_rule is None else feature_rule.describe(),
+            "uncalibrated": "; ".join(calibration_problems(d, ood is not None or feature_rule is not None))}
     return Export(model, labels, species, temperature, ood, transform, info, feature_rule)
 
 
@@ -298,7 +300,8 @@ class Predictor:
         probs = probs_t.tolist()
         ood_json = self._ood(scaled, feature_score)
         out_of_distribution = bool(ood_json and ood_json["out_of_distribution"])
-        verdict = decide(probs, ex.labels, ex.species, self.rules, out_of_distribution=out_of_distribution)
+        verdict = decide(probs, ex.labels, ex.species, self.rules, out_of_distribution=out_of_distribution,
+                         uncalibrated=ex.info.get("uncalibrated", ""))
         top = torch.topk(probs_t, self.top_k)
         top_k = []
         for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):

@@ -89,7 +89,21 @@ def openapi_document(max_upload_bytes: int, max_pixels: int) -> dict[str, Any]:
                     "verdict": {"type": "object", "required": ["code", "message"],
                                 "properties": {"code": {"type": "string", "enum": list(VERDICT_CODES)},
                                                "message": {"type": "string"},
-                                               "reasons": {"type": "array", "items": {"type": "string"}}}},
+                                               "reasons": {"type": "array", "items": {"type": "string"},
+                                                           "description": "'rule: detail' for every rule that fired"},
+                                               "rules": {"type": "array", "items": {"type": "string"}},
+                                               "lookalikes": {"type": "array", "description": (
+                                                   "known lookalikes of the top species; probability is null "
+                                                   "when the lookalike is not one of the model's classes"),
+                                                   "items": {"type": "object", "properties": {
+                                                       "label": {"type": "string"},
+                                                       "scientific_name": {"type": "string"},
+                                                       "edibility": {"type": "string", "enum": list(EDIBILITY)},
+                                                       "syndrome": {"type": "string"},
+                                                       "features": {"type": "string"},
+                                                       "citation": {"type": "string"},
+                                                       "in_classes": {"type": "boolean"},
+                                                       "probability": {"type": ["number", "null"]}}}}}},
                     "warning": {"type": "string"},
                     "model": model_schema,
                     "ood": {"type": ["object", "null"]},

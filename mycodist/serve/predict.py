@@ -14,14 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
-from mycodist.serve.inference import Predictor, load_export
-from mycodist.serve.onnx_runtime import build_predictor
+from mycodist.serve.inference import Predictor
 from mycodist.serve.preprocess import BadImage, decode_image, original_size
-from mycodist.serve.verdict import WARNING, SafetyRules
+from mycodist.serve.verdict import WARNING
+from mycodist.serve.wiring import make_predictor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
@@ -68,17 +67,13 @@ def predict_files(predictor: Predictor, files: list[Path], max_pixels: int, max_
 
 def main(args: argparse.Namespace, cfg: DictConfig) -> int:
     serve = cfg.serve
-    if int(serve.torch_threads) > 0:
-        torch.set_num_threads(int(serve.torch_threads))
     top_k = int(serve.top_k if args.top_k is None else args.top_k)
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     files = list(iter_images(args.images))
     if not files:
         raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {' '.join(args.images)}")
-    export = load_export(args.model, device=str(serve.device), ood_score=str(serve.ood_score),
-                         ood_quantile=float(serve.ood_quantile))
-    predictor = build_predictor(export, args.model, SafetyRules.from_config(serve), serve, top_k=top_k)
+    predictor = make_predictor(args.model, serve, top_k=top_k)  # serve/wiring.py, shared with serve
     failed = 0
     for answer in predict_files(predictor, files, int(serve.max_pixels), int(serve.max_upload_bytes),
                                 int(serve.max_batch)):

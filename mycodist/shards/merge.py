@@ -21,10 +21,11 @@ from mycodist.atomic import TMP_PREFIX
 from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_species, save_class_indices, save_species
 from mycodist.config import save_config, to_dict
 from mycodist.errors import UsageError
+from mycodist.lookalikes import merge_catalogue, most_dangerous, reference_from_config
 from mycodist.shards.manifest import MANIFEST, Manifest, build_manifest, read_manifest, write_manifest
 from mycodist.shards.tarshard import ShardFile, iter_keys, iter_samples, list_shards, shard_name
 
-IDENTITY_FIELDS = ("scientific_name", "common_name", "family", "edibility")
+IDENTITY_FIELDS = ("scientific_name", "common_name", "family")  # edibility: the most dangerous wins
 _EMPTY = (None, "", "unknown")
 
 
@@ -34,8 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy", action="store_true", help="copy shards instead of hard-linking them")
 
 
+def _sources(sp: Species, where: str) -> dict[str, str]:
+    """Each input's edibility sources, named after the input so two inputs' levels both stay visible."""
+    given = sp.edibility_sources or {sp.source or "catalogue": sp.edibility}
+    return {k if k.startswith("reference:") else f"{k} ({where})": v for k, v in given.items()}
+
+
 def merge_species(catalogues: list[tuple[str, dict[str, Species]]]) -> tuple[dict[str, Species], list[str]]:
-    """Union of the inputs' species; returns (merged, notes). Conflicting identity facts raise UsageError."""
+    """Union of the inputs' species; returns (merged, notes). Conflicting names raise UsageError; on
+    edibility the most dangerous level wins and every input's level is kept in `edibility_sources`."""
     merged: dict[str, Species] = {}
     origin: dict[str, str] = {}
     conflicts, notes = [], []
@@ -43,9 +51,18 @@ def merge_species(catalogues: list[tuple[str, dict[str, Species]]]) -> tuple[dic
         for label, sp in catalogue.items():
             if label not in merged:
                 merged[label] = Species.from_json(label, sp.to_json())
+                merged[label].edibility_sources = _sources(sp, where)
                 origin[label] = where
                 continue
             cur = merged[label]
+            cur.edibility_sources.update(_sources(sp, where))
+            level = most_dangerous(cur.edibility_sources.values())
+            if level != cur.edibility and cur.edibility != "unknown" and sp.edibility != "unknown":
+                notes.append(f"'{label}' edibility: {cur.edibility!r} in {origin[label]} but {sp.edibility!r} in "
+                             f"{where}; kept the more dangerous {level!r}")
+            cur.edibility = level
+            cur.lookalike_notes = {**sp.lookalike_notes, **cur.lookalike_notes}
+            cur.lookalike_record = cur.lookalike_record or sp.lookalike_record
             for name in IDENTITY_FIELDS:
                 a, b = getattr(cur, name), getattr(sp, name)
                 if a in _EMPTY:
@@ -128,6 +145,7 @@ def merge_datasets(out: str | Path, inputs: list[str | Path], cfg: DictConfig, *
     _prepare_out(out, paths)
     manifests = [read_manifest(p, check_hashes=True) for p in paths]
     species, notes = merge_species([(str(m.root), load_species(m.root / SPECIES)) for m in manifests])
+    species = merge_catalogue(species, reference_from_config(cfg))
     for m in manifests:
         missing = [lab for lab in m.labels if lab not in species]
         if missing:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mycodist.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mycodist.catalog import SPECIES, load_species
+from mycodist.lookalikes import DANGER, edibility_conflict
 from mycodist.config import save_config
 from mycodist.errors import UsageError
 from mycodist.shards.manifest import Manifest, read_manifest
@@ -101,6 +102,13 @@ def summarize(manifest: Manifest, m: Measurements) -> dict[str, Any]:
             "classes_without_samples": [lab for lab, n in totals.items() if n == 0],
         },
         "edibility": dict(sorted(edibility.items())),
+        "edibility_conflicts": {lab: edibility_conflict(species[lab]) for lab in manifest.labels
+                                if lab in species and edibility_conflict(species[lab])},
+        "lookalikes": {"with_record": sum(bool(species[lab].lookalike_record or species[lab].lookalikes)
+                                          for lab in manifest.labels if lab in species),
+                       "without_record": [lab for lab in manifest.labels
+                                          if lab not in species or not (species[lab].lookalike_record
+                                                                        or species[lab].lookalikes)]},
         "per_class": {lab: dict(sorted(c.items())) for lab, c in m.per_class.items()},
     }
 
@@ -155,6 +163,13 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Images per class: {cb['min']} to {cb['max']} (median {cb['median']:g}).",
         "Edibility of the images: " + ", ".join(f"{k} {v}" for k, v in summary["edibility"].items()) + ".", "",
     ]
+    if summary["edibility_conflicts"]:
+        lines += ["Sources disagree on edibility (the most dangerous level is used): " + "; ".join(
+            f"{lab}: " + ", ".join(f"{src} says {lv}" for src, lv in by.items())
+            for lab, by in summary["edibility_conflicts"].items()) + ".", ""]
+    look = summary["lookalikes"]
+    lines += [f"Lookalikes recorded for {look['with_record']} of {summary['classes']} classes"
+              + (f"; none for {', '.join(look['without_record'])}" if look["without_record"] else "") + ".", ""]
     if cb["classes_without_val"]:
         lines += [f"Classes without validation images: {', '.join(cb['classes_without_val'])}.", ""]
     lines += [f"![image sizes]({PLOTS['sizes']})", "", f"![aspect ratio]({PLOTS['aspect']})", "",
@@ -186,4 +201,7 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
     print(f"{summary['samples']} images in {summary['classes']} classes; median size "
           f"{w['median']:.0f}x{h['median']:.0f}; {summary['class_balance']['min']}-"
           f"{summary['class_balance']['max']} per class → {Path(args.report) / 'report.md'}")
+    for lab, by in summary["edibility_conflicts"].items():
+        print(f"edibility disagreement: {lab}: " + ", ".join(f"{src} says {lv}" for src, lv in by.items())
+              + f" → {max(by.values(), key=DANGER.__getitem__)} is used")
     return 0

@@ -29,6 +29,7 @@ from mycodist.catalog import (
     slugify,
 )
 from mycodist.config import save_config, to_dict
+from mycodist.lookalikes import merge_catalogue, reference_from_config
 from mycodist.shards.manifest import MANIFEST, build_manifest, write_manifest
 from mycodist.shards.tarshard import (
     KEY_RE,
@@ -91,7 +92,8 @@ class DatasetWriter:
         if self.max_samples < 1 or self.max_bytes < 1:
             raise ValueError("shards.max_samples and shards.max_bytes must be positive")
         self.class_of = self._check_labels(self.labels)
-        self.species = self._check_species(species)
+        # every data set's catalogue is joined with the lookalike reference (docs/lookalikes.md)
+        self.species = self._check_species(merge_catalogue(species, reference_from_config(cfg)).values())
         self._open: dict[str, ShardFile] = {}
         self._next_index: dict[str, int] = {}
         self._keys: set[str] = set()

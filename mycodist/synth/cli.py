@@ -23,7 +23,9 @@ from mycodist.atomic import atomic_write_bytes
 from mycodist.catalog import CLASS_INDICES, SPECIES, save_class_indices, save_species
 from mycodist.config import CONFIG_FILENAME, save_config, select
 from mycodist.errors import UsageError
+from mycodist.lookalikes import merge_catalogue, reference_from_config, reference_from_rows
 from mycodist.synth.generate import SynthSettings, generate_dataset, photo_key
+from mycodist.synth.species import make_catalogue, reference_rows
 
 # files a fresh checkout keeps in an otherwise empty output folder (shards/README.md)
 IGNORABLE = ("README", "README.md", "README.txt", ".gitignore", ".gitkeep")
@@ -139,6 +141,10 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
     out = _out_dir(args, cfg)
     _check_replaceable(out, cfg)
     species, photos = generate_dataset(settings)
+    # the catalogue's own pairs travel as its reference, joined with the packaged one
+    ref = reference_from_config(cfg)
+    ref.add(reference_from_rows(reference_rows(make_catalogue(settings.species, settings.seed)), "synth"))
+    species = list(merge_catalogue(species, ref).values())
     total = settings.species * settings.per_species
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc="synth", disable=True if args.quiet else None, file=sys.stderr) as bar:

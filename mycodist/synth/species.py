@@ -271,3 +271,49 @@ def describe(t: Traits) -> str:
              f"{stem} stem" + (" with a ring" if t.ring else "") + (" and a bulbous base" if t.bulb else ""),
              f"found on {'rotting wood' if t.habitat == 'wood' else 'grass' if t.habitat == 'grass' else 'leaf litter'}"]
     return "; ".join(parts).capitalize() + "."
+
+
+SYNTH_CITATION = "mycodist.synth catalogue: fictional species, lookalike pairs made by construction"
+
+
+def _differences(a: Traits, b: Traits) -> str:
+    """The traits that tell two species apart, in words: what a field guide's key would say."""
+    out = []
+    if a.gill_colour != b.gill_colour:
+        out.append(f"gills {a.gill_colour} vs {b.gill_colour}")
+    if a.ring != b.ring:
+        out.append(f"ring {'present' if a.ring else 'absent'} vs {'present' if b.ring else 'absent'}")
+    if a.bulb != b.bulb:
+        out.append(f"bulbous base {'present' if a.bulb else 'absent'} vs {'present' if b.bulb else 'absent'}")
+    if a.spots != b.spots:
+        out.append(f"cap {a.spots} vs {b.spots}".replace("none", "without spots"))
+    if a.cap_texture != b.cap_texture:
+        out.append(f"cap texture {a.cap_texture} vs {b.cap_texture}")
+    if abs(a.stem_thickness - b.stem_thickness) > 0.05:
+        thin = lambda t: "slender" if t < 0.2 else "stout"  # noqa: E731
+        out.append(f"stem {thin(a.stem_thickness)} vs {thin(b.stem_thickness)}")
+    return "; ".join(out)
+
+
+def reference_rows(catalogue: list[SynthSpecies]) -> list[dict[str, str]]:
+    """The synthetic catalogue's own lookalike pairs as reference rows (mycodist.lookalikes format):
+    the edible species is `sought`, the traits that differ are the telling features; species made
+    without a lookalike get a "no dangerous lookalike known" row, true by construction."""
+    by_label = {e.label: e for e in catalogue}
+    rows, seen = [], set()
+    for e in catalogue:
+        s = e.species
+        if not s.lookalikes:
+            rows.append({"sought": s.scientific_name, "sought_edibility": s.edibility, "citation": SYNTH_CITATION,
+                         "features": "made without a lookalike"})
+        for lab in s.lookalikes:
+            other = by_label.get(lab)
+            if other is None or frozenset((s.label, lab)) in seen:
+                continue
+            seen.add(frozenset((s.label, lab)))
+            sought, look = (e, other) if s.edibility in ("choice", "edible") else (other, e)
+            rows.append({"sought": sought.species.scientific_name, "sought_edibility": sought.species.edibility,
+                         "lookalike": look.species.scientific_name, "lookalike_edibility": look.species.edibility,
+                         "syndrome": "fictional", "features": _differences(sought.traits, look.traits),
+                         "citation": SYNTH_CITATION})
+    return rows

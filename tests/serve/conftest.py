@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from serve_util import full_builder, logits_for, make_export
+from serve_util import CALIBRATED, full_builder, logits_for, make_export
 
 
 @pytest.fixture(scope="session")
 def export_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     made: dict[str, Path] = {}
 
-    def make(name: str, probs: dict[str, float], calibration: dict | None = None) -> Path:
+    def make(name: str, probs: dict[str, float], calibration: dict | None = CALIBRATED) -> Path:
         if name not in made:
             made[name] = make_export(tmp_path_factory.mktemp(f"export-{name}"), logits_for(probs), calibration)
         return made[name]
@@ -33,7 +33,7 @@ def real_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for the tests that start `mycodist serve` / `mycodist predict` as the user would. Its head says the
     death cap, so every photo must come back poisonous."""
     return make_export(tmp_path_factory.mktemp("export-real"), logits_for({"amanita_letalis": 0.97}),
-                       {"temperature": 1.0}, builder=full_builder)
+                       CALIBRATED, builder=full_builder)
 
 
 @pytest.fixture(scope="session")

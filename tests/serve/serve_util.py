@@ -39,7 +39,8 @@ SPECIES = [
             lookalikes=["agaricus_similis"]),
     Species("agaricus_similis", "Agaricus similis", "Test field mushroom", "Agaricaceae", "edible",
             lookalikes=["amanita_letalis"]),
-    Species("boletus_bonus", "Boletus bonus", "Test king bolete", "Boletaceae", "choice"),
+    Species("boletus_bonus", "Boletus bonus", "Test king bolete", "Boletaceae", "choice",
+            lookalike_record="no dangerous lookalike known: test fixture"),
     Species("tylopilus_amarus", "Tylopilus amarus", "Test bitter bolete", "Boletaceae", "inedible"),
     Species("mysterium_ignotum", "Mysterium ignotum", "Test unknown cap", "Incertae", "unknown"),
     Species("hebeloma_toxicum", "Hebeloma toxicum", "Test poison pie", "Hymenogastraceae", "poisonous"),
@@ -67,9 +68,14 @@ def full_builder(model_cfg: Any, num_classes: int) -> torch.nn.Module:
     return create_model(str(model_cfg.name), num_classes, img_size=int(model_cfg.img_size))
 
 
-def make_export(folder: Path, logits: list[float], calibration: dict | None = None,
+# T = 1 and a logit OOD rule that never fires: a calibrated export whose answers the tests control
+CALIBRATED = {"temperature": 1.0, "ood": {"score": "max_logit", "threshold": -1e9}}
+
+
+def make_export(folder: Path, logits: list[float], calibration: dict | None = CALIBRATED,
                 builder: Callable[[Any, int], torch.nn.Module] = tiny_builder) -> Path:
-    """Write a complete export folder whose model answers `logits` for any photo."""
+    """Write a complete export folder whose model answers `logits` for any photo (calibration=None: an
+    export without calibration.json, which serve refuses unless serve.allow_uncalibrated=true)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = load_config(None, [f"model.img_size={IMG}"])
     torch.manual_seed(0)

@@ -10,9 +10,20 @@ import threading
 
 import aiohttp
 import pytest
-from serve_util import LABELS, full_builder, logits_for, make_export, photo, png_bomb, run_client, tiny_builder
+from serve_util import (
+    CALIBRATED,
+    LABELS,
+    full_builder,
+    logits_for,
+    make_export,
+    photo,
+    png_bomb,
+    run_client,
+    tiny_builder,
+)
 
 from mycodist.config import load_config
+from mycodist.errors import UsageError
 from mycodist.serve.app import build_service_app
 from mycodist.serve.verdict import WARNING
 
@@ -95,7 +106,7 @@ def test_raw_body_species_health_openapi_and_form_page(export_factory):
 def test_temperature_and_ood_from_calibration(tmp_path):
     logits = logits_for({"boletus_bonus": 0.9})
     # T = 4 flattens 0.9 → below min_confidence; the export's quantile table supplies the OOD threshold
-    soft = make_export(tmp_path / "soft", logits, {"temperature": 4.0})
+    soft = make_export(tmp_path / "soft", logits, {**CALIBRATED, "temperature": 4.0})
     ood = make_export(tmp_path / "ood", logits_for({"boletus_bonus": 0.999999}),
                       {"temperature": 1.0, "ood_scores_on_val": {"neg_energy": {"q05": 1e6}}})
 
@@ -241,3 +252,48 @@ def test_default_builder_loads_the_real_architecture(tmp_path):
         assert ans["verdict"]["code"] == "poisonous"
 
     run_client(app, body)
+
+
+@pytest.mark.parametrize("calibration", [None, {"temperature": 1.0}, {"ood": CALIBRATED["ood"]}])
+def test_uncalibrated_export_is_refused_or_capped_at_do_not_eat(tmp_path, calibration):
+    """No calibration.json, no OOD statistics, or no temperature: serve refuses to start; allowed
+    explicitly, a confident edible answer becomes do_not_eat and says why."""
+    export = make_export(tmp_path / "e", logits_for({"boletus_bonus": 0.999999}), calibration)
+    with pytest.raises(UsageError, match="allow_uncalibrated"):
+        app_for(export)
+
+    async def body(client):
+        ans = await (await client.post("/api/v1/predict", data=form(photo()))).json()
+        assert ans["verdict"]["code"] == "do_not_eat"
+        assert "uncalibrated" in ans["verdict"]["rules"]
+        assert any(r.startswith("uncalibrated: the model is uncalibrated") for r in ans["verdict"]["reasons"])
+
+    run_client(app_for(export, allow_uncalibrated="true"), body)
+
+
+def test_answer_names_every_rule_and_shows_the_lookalikes(export_factory):
+    """An edible top with its deadly lookalike at 2%: the API lists the rules that fired and the
+    lookalike with its probability; the server-rendered page shows the same table."""
+    export = export_factory("lookalike", {"agaricus_similis": 0.97, "amanita_letalis": 0.02})
+
+    async def body(client):
+        ans = await (await client.post("/api/v1/predict", data=form(photo()))).json()
+        v = ans["verdict"]
+        assert v["code"] == "do_not_eat"
+        assert {"toxic_lookalike", "poison_mass"} <= set(v["rules"]), v["reasons"]
+        (look,) = v["lookalikes"]
+        assert look["label"] == "amanita_letalis" and look["edibility"] == "deadly"
+        assert look["probability"] == pytest.approx(0.02, rel=1e-3) and look["in_classes"] is True
+        r = await client.post("/", data=form(photo()))
+        text = await r.text()
+        assert 'id="lookalikes"' in text and "Amanita letalis" in text and "toxic_lookalike:" in text
+
+    run_client(app_for(export), body)
+
+
+@pytest.mark.parametrize("override", ["poison_mass=5", "lookalike_mass=-0.1", "min_confidence=nan",
+                                      "require_lookalike_record=1"])
+def test_bad_thresholds_are_refused(export_factory, override):
+    export = export_factory("edible_species", VERDICT_CASES["edible_species"])
+    with pytest.raises(UsageError, match=override.split("=")[0]):
+        app_for(export, **dict([override.split("=")]))

@@ -45,6 +45,10 @@ def test_upload_shows_verdict_and_warning(served, tmp_path):
             expect(page.locator("#verdict-title")).to_have_text("Poisonous", timeout=30_000)
             expect(page.locator("#verdict-message")).to_contain_text("Test death cap")
             expect(page.locator("#top-k tbody tr")).to_have_count(5)
+            expect(page.locator("#verdict-reasons")).to_contain_text("top_toxic:")
+            expect(page.locator("#lookalikes")).to_be_visible()  # the death cap's edible lookalike, and its odds
+            expect(page.locator("#lookalikes tbody tr")).to_have_count(1)
+            expect(page.locator("#lookalikes tbody")).to_contain_text("Agaricus similis")
             expect(page.locator("#warning")).to_be_visible()
             assert page.evaluate("document.activeElement.id") == "verdict-title"  # focus moved to the answer
             page.screenshot(path=str(ARTIFACTS / "serve-upload-verdict.png"), full_page=True)
@@ -57,6 +61,7 @@ def test_upload_shows_verdict_and_warning(served, tmp_path):
             nojs.locator("#submit").click()
             expect(nojs.locator("#verdict-title")).to_have_text("Poisonous", timeout=30_000)
             expect(nojs.locator(".warning")).to_contain_text("No photo identification")
+            expect(nojs.locator("#lookalikes tbody")).to_contain_text("Agaricus similis")
             nojs.screenshot(path=str(ARTIFACTS / "serve-no-javascript.png"), full_page=True)
         finally:
             browser.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from serve_util import photo
 
@@ -37,3 +38,19 @@ def test_predict_usage_errors(real_export, tmp_path, capsys):
     assert "neither an image file nor a folder" in capsys.readouterr().err
     assert main(["predict", "--model", str(real_export), str(tmp_path), "serve.min_confidance=0.2"]) == 2
     assert "did you mean 'serve.min_confidence'" in capsys.readouterr().err
+
+
+def test_predict_checks_thresholds_and_calibration(real_export, tmp_path, capsys):
+    """`serve.poison_mass=5` once let 35% deadly mass through as edible; an export without calibration
+    once meant T = 1 and no OOD check. Both are refused; allowed explicitly, the answer is capped."""
+    (tmp_path / "a.jpg").write_bytes(photo())
+    assert main(["predict", "--model", str(real_export), str(tmp_path / "a.jpg"), "serve.poison_mass=5"]) == 2
+    assert "serve.poison_mass must be a finite number in [0, 1], got 5.0" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(real_export, bare)
+    (bare / "calibration.json").unlink()
+    assert main(["predict", "--model", str(bare), str(tmp_path / "a.jpg")]) == 2
+    assert "no calibration.json" in capsys.readouterr().err
+    assert main(["predict", "--model", str(bare), str(tmp_path / "a.jpg"), "serve.allow_uncalibrated=true"]) == 0
+    ans = json.loads(capsys.readouterr().out)
+    assert ans["verdict"]["code"] == "poisonous" and "uncalibrated" in ans["verdict"]["rules"]

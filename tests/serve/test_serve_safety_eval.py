@@ -44,3 +44,6 @@ def test_safety_eval_catches_toxic_photos_called_edible(tmp_path):
     # ...and with the export's OOD rule (threshold out of reach) every photo is turned away
     c = r["configured"]
     assert c["ood_abstention"] == 1.0 and c["coverage"] == 0.0 and c["toxic_as_edible"] == 0
+    # rule counts: each rule that fired, per photo
+    assert c["rules_val"]["out_of_distribution"] == len(val) and b["rules_val"] == {}
+    assert r["catalogue"]["classes"] == len(LABELS) and r["catalogue"]["with_lookalikes"] >= 3

@@ -58,3 +58,19 @@ def pretty_name(value: str) -> str:
         value = value.replace("_", " ")
         return value[:1].upper() + value[1:]
     return value
+
+
+LOOKALIKE_FACTS = ("lookalikes", "lookalike", "similar species", "confused with", "look-alikes")
+
+
+def lookalike_names(text: str) -> list[str]:
+    """'Amanita phalloides; Amanita virosa' or a comma list → names (merged with the reference later)."""
+    return [n.strip() for n in text.replace(";", ",").split(",") if n.strip()]
+
+
+def pop_lookalikes(facts: dict[str, str]) -> list[str]:
+    """Take a page's lookalike fact out of `facts` (whatever the site calls it) as a list of names."""
+    names: list[str] = []
+    for key in LOOKALIKE_FACTS:
+        names += lookalike_names(facts.pop(key, ""))
+    return list(dict.fromkeys(names))

@@ -7,6 +7,7 @@ import re
 from urllib.parse import urljoin
 
 from mycodist.catalog import Species, normalize_edibility, slugify
+from mycodist.crawl.sources import pop_lookalikes
 from mycodist.crawl.sources.html import Node, parse_html
 from mycodist.crawl.sources.site import SiteSource
 
@@ -52,6 +53,7 @@ def parse_species_page(html: str, page_url: str, source: str = "mushroomworld") 
     species = Species(
         label=slugify(sci), scientific_name=sci, common_name=common, family=facts.pop("family", ""),
         edibility=normalize_edibility(edibility_text), source=source,
+        lookalikes=pop_lookalikes(facts),
         facts={**facts, "edibility_text": edibility_text, "page_url": page_url},
     )
     photos = []

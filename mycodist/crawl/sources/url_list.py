@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mycodist.catalog import Species, normalize_edibility, slugify
-from mycodist.crawl.sources import Discovery, Photo, pretty_name
+from mycodist.crawl.sources import Discovery, Photo, lookalike_names, pretty_name
 from mycodist.errors import UsageError
 
 URL_COLUMNS = ("url", "link", "image_url", "photo_url", "src")
@@ -115,4 +115,5 @@ class ManifestSource:
 
         return Species(label=label, scientific_name=pretty_name(col("scientific_name")),
                        common_name=pretty_name(col("common_name")), family=col("family"),
-                       edibility=normalize_edibility(col("edibility")), source=f"manifest:{self.path.name}")
+                       edibility=normalize_edibility(col("edibility")), source=f"manifest:{self.path.name}",
+                       lookalikes=lookalike_names(col("lookalikes")))

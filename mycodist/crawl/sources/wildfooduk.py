@@ -7,6 +7,7 @@ import re
 from urllib.parse import urljoin
 
 from mycodist.catalog import Species, normalize_edibility, slugify
+from mycodist.crawl.sources import pop_lookalikes
 from mycodist.crawl.sources.html import parse_html
 from mycodist.crawl.sources.site import SiteSource
 
@@ -43,6 +44,7 @@ def parse_species_page(html: str, page_url: str) -> tuple[Species, list[str]] | 
     species = Species(
         label=slugify(sci or common), scientific_name=sci, common_name=common, family=facts.pop("family", ""),
         edibility=normalize_edibility(edibility_text), source="wildfooduk",
+        lookalikes=pop_lookalikes(facts),
         facts={**facts, "edibility_text": edibility_text, "page_url": page_url},
     )
     photos: list[str] = []

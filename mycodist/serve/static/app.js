@@ -57,6 +57,31 @@ document.addEventListener("DOMContentLoaded", () => {
     document.getElementById("verdict-title").textContent = TITLES[code] || code;
     document.getElementById("verdict-message").textContent = answer.verdict.message;
     document.getElementById("warning").lastChild.textContent = " " + answer.warning;
+    const reasons = document.getElementById("verdict-reasons");
+    reasons.replaceChildren();
+    for (const r of answer.verdict.reasons || []) {
+      const li = document.createElement("li");
+      li.textContent = r;
+      reasons.appendChild(li);
+    }
+    const looks = answer.verdict.lookalikes || [];
+    const lookBody = document.querySelector("#lookalikes tbody");
+    lookBody.replaceChildren();
+    for (const x of looks) {
+      const row = document.createElement("tr");
+      const name = document.createElement("i");
+      name.textContent = x.scientific_name || x.label;
+      const prob = x.probability === null ? "not among the model's classes" : (100 * x.probability).toFixed(2) + "%";
+      const cells = [name, x.edibility + (x.syndrome ? " (" + x.syndrome + ")" : ""), x.features || "", prob,
+        x.citation || ""];
+      cells.forEach((c) => {
+        const td = document.createElement("td");
+        if (typeof c === "string") td.textContent = c; else td.appendChild(c);
+        row.appendChild(td);
+      });
+      lookBody.appendChild(row);
+    }
+    document.getElementById("lookalikes").hidden = looks.length === 0;
     const body = document.querySelector("#top-k tbody");
     body.replaceChildren();
     for (const t of answer.top_k) {
