@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mycodist.errors import UsageError
-
-CALIBRATION = "calibration.json"
+from mycodist.export.artifact import CALIBRATION
 
 
 def calibration_problems(export_dir: str | Path, has_ood_rule: bool) -> list[str]:

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from serve_util import LABELS, full_builder, logits_for, make_export, photo, run_client, tiny_builder
+from serve_util import CALIBRATED, LABELS, full_builder, logits_for, make_export, photo, run_client, tiny_builder
 
 from mycodist.config import load_config
 from mycodist.errors import UsageError
@@ -79,7 +79,7 @@ def test_export_fails_when_onnx_differs_beyond_tolerance(tmp_path):
 
 
 def test_answers_name_runtime_and_precision(tmp_path):
-    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), {"temperature": 1.0})
+    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), CALIBRATED)
     _with_onnx(folder)
     data = photo()
     seen = {}
@@ -113,7 +113,7 @@ def _disagreeing_int8(folder, flipped: int, total: int) -> None:
 
 
 def test_int8_is_refused_below_the_agreement_threshold(tmp_path):
-    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), {"temperature": 1.0})
+    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), CALIBRATED)
     _with_onnx(folder, photos=20)
     _disagreeing_int8(folder, flipped=2, total=20)  # verdicts agree on 18 of 20 = 90%
     with pytest.raises(UsageError, match=r"int8 refused.*90\.00% of 20.*int8_min_agreement=0\.99"):
@@ -156,7 +156,7 @@ def test_runtime_and_precision_usage_errors(tmp_path):
 def test_predict_cli_runs_the_chosen_runtime(tmp_path, capsys):
     from mycodist.cli import main as cli
 
-    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), {"temperature": 1.0},
+    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), CALIBRATED,
                          builder=full_builder)
     model = load_export(folder).model
     onnx_export.write_onnx(folder, model, _images(4), int8="dynamic")
