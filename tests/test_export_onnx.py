@@ -4,42 +4,27 @@ photos, and served by ONNX Runtime. One process, a hand-made checkpoint of a tin
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-from train_util import make_shards
+from safetensors.torch import load_file
+from train_util import fake_run
 
-from mycodist.catalog import CLASS_INDICES, SPECIES, load_class_indices
+from mycodist.catalog import CLASS_INDICES, load_class_indices
 from mycodist.cli import main as cli
-from mycodist.config import load_config, save_config
+from mycodist.config import CONFIG_FILENAME, load_config
 from mycodist.export import onnx as onnx_export
-from mycodist.models import build_model
 from mycodist.serve.app import build_service_app
 from mycodist.serve.inference import load_export
 from mycodist.serve.onnx_runtime import build_predictor
 from mycodist.serve.verdict import SafetyRules
-from mycodist.train import checkpoint as ck
 
 pytest.importorskip("onnxruntime")
 
 
 def test_export_onnx_flag_writes_checked_graphs_that_serve_loads(tmp_path, capsys):
-    shards = make_shards(tmp_path / "shards", per_class=10)
-    run = tmp_path / "run"
-    cfg = load_config(None, [f"data.shards={shards}", f"train.output_dir={run}", "model.img_size=32",
-                             "data.workers=0", "train.batch_size=8"])
-    run.mkdir()
-    save_config(cfg, run)
-    for name in (CLASS_INDICES, SPECIES):
-        shutil.copyfile(shards / name, run / name)
+    shards, run = fake_run(tmp_path, per_class=10)
+    cfg = load_config(run / CONFIG_FILENAME)
     labels = load_class_indices(run / CLASS_INDICES)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(labels)).eval()
-    tmp = ck.begin_save(run, 3)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    ck.finish_save(tmp, {"step": 3, "engine": "accelerate", "uses_deepspeed": False}, keep_last=0)
 
     assert cli(["export", str(run), "--onnx", "export.int8=dynamic"]) == 0
     out = run / "export"

@@ -4,38 +4,26 @@ photos, loadable by serving. One process, a hand-made checkpoint of a tiny ViT, 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from train_util import make_shards
+from train_util import fake_run
 
-from mycodist.catalog import CLASS_INDICES, SPECIES, load_class_indices
-from mycodist.config import load_config, save_config
+from mycodist.catalog import CLASS_INDICES, load_class_indices
+from mycodist.config import CONFIG_FILENAME, load_config
 from mycodist.export.artifact import OOD_FILE
 from mycodist.export.build import export_run, split_outputs
 from mycodist.models import build_model
 from mycodist.models.ood import load_feature_gaussians
 from mycodist.serve.inference import load_export
-from mycodist.train import checkpoint as ck
 
 
 def test_export_writes_ood_statistics_that_serving_loads(tmp_path):
-    shards = make_shards(tmp_path / "shards")
-    run = tmp_path / "run"
-    cfg = load_config(None, [f"data.shards={shards}", f"train.output_dir={run}", "model.img_size=32",
-                             "data.workers=0", "train.batch_size=8"])
-    run.mkdir()
-    save_config(cfg, run)
-    for name in (CLASS_INDICES, SPECIES):
-        shutil.copyfile(shards / name, run / name)
+    shards, run = fake_run(tmp_path)
+    cfg = load_config(run / CONFIG_FILENAME)
     labels = load_class_indices(run / CLASS_INDICES)
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(labels)).eval()
-    tmp = ck.begin_save(run, 3)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    ck.finish_save(tmp, {"step": 3, "engine": "accelerate", "uses_deepspeed": False}, keep_last=0)
+    model = build_model(cfg.model, len(labels)).eval()  # the weights fake_run saved
 
     out = export_run(run)
 

@@ -105,3 +105,32 @@ def assert_export_matches_live(run_dir: Path, atol: float) -> None:
     assert torch.allclose(logits, expected, atol=atol, rtol=0), (logits - expected).abs().max()
     calib = json.loads((run_dir / "export" / "calibration.json").read_text())
     assert calib["temperature"] > 0 and calib["val_samples"] == len(keys)
+
+
+def fake_run(tmp_path: Path, per_class: int = 20) -> tuple[Path, Path]:
+    """A run folder with one complete checkpoint of a fresh ViT-Tiny at 32 px over real shards: what export
+    needs, without training. Returns (shards, run)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mycodist.catalog import CLASS_INDICES, SPECIES, load_class_indices
+    from mycodist.config import load_config, save_config
+    from mycodist.models import build_model
+    from mycodist.train import checkpoint as ck
+
+    shards = make_shards(tmp_path / "shards", per_class=per_class)
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"data.shards={shards}", f"train.output_dir={run}", "model.img_size=32",
+                             "data.workers=0", "train.batch_size=8"])
+    run.mkdir()
+    save_config(cfg, run)
+    for name in (CLASS_INDICES, SPECIES):
+        shutil.copyfile(shards / name, run / name)
+    labels = load_class_indices(run / CLASS_INDICES)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(labels)).eval()
+    tmp = ck.begin_save(run, 3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / ck.MODEL_FILE))
+    ck.finish_save(tmp, {"step": 3, "engine": "accelerate", "uses_deepspeed": False}, keep_last=0)
+    return shards, run

@@ -18,6 +18,7 @@ model config is rebuilt from config.yaml's model group.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -133,3 +134,12 @@ def write_export(run_dir: Path, write_files: Callable[[Path], None], manifest: d
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (the weights' identity in answers and ONNX records)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -21,7 +21,6 @@ or `mycodist export RUN_DIR --onnx`):
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import tempfile
@@ -36,7 +35,7 @@ from omegaconf import DictConfig
 
 from mycodist.atomic import atomic_write_json
 from mycodist.errors import UsageError
-from mycodist.export.artifact import INT8_FILE, MODEL_FILE, ONNX_FILE, ONNX_META, ONNX_VAL
+from mycodist.export.artifact import INT8_FILE, MODEL_FILE, ONNX_FILE, ONNX_META, ONNX_VAL, file_sha256
 from mycodist.models import ood
 from mycodist.models.attention import Attention
 
@@ -78,14 +77,6 @@ def exportable(model: torch.nn.Module) -> LogitsAndFeatures:
     """A copy of `model` whose attention runs the plain `math` path: it exports to standard ONNX ops and
     never depends on flash-attn or FlexAttention, whatever backend the run trained with."""
     return LogitsAndFeatures(on_cpu(model, "math"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _batches(images: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
@@ -201,8 +192,8 @@ def write_onnx(out_dir: str | Path, model: torch.nn.Module, images: torch.Tensor
         "opset": OPSET, "exporter": "torch.onnx TorchScript (dynamo=False)", "torch": torch.__version__,
         "input": INPUT, "outputs": list(OUTPUTS), "img_size": int(images.shape[-1]), "photos": len(images),
         "batch": batch, "val_outputs": ONNX_VAL,
-        "weights_sha256": _sha256(out / MODEL_FILE) if (out / MODEL_FILE).is_file() else None,
-        "fp32": {"file": ONNX_FILE, "sha256": _sha256(out / ONNX_FILE), "max_abs_diff_logits": diff,
+        "weights_sha256": file_sha256(out / MODEL_FILE) if (out / MODEL_FILE).is_file() else None,
+        "fp32": {"file": ONNX_FILE, "sha256": file_sha256(out / ONNX_FILE), "max_abs_diff_logits": diff,
                  "max_abs_diff_features": diff_f, "tolerance": tolerance, "top1": _top1(logits32, labels)},
         "int8": None}
     if not diff <= tolerance:  # NaN fails too
@@ -216,7 +207,7 @@ def write_onnx(out_dir: str | Path, model: torch.nn.Module, images: torch.Tensor
         logits8, feats8 = run_onnx(session(out / INT8_FILE), images, batch)
         tensors.update(logits_int8=logits8, features_int8=feats8)
         top32, top8 = _top1(logits32, labels), _top1(logits8, labels)
-        meta["int8"] = {"file": INT8_FILE, "sha256": _sha256(out / INT8_FILE), "method": int8,
+        meta["int8"] = {"file": INT8_FILE, "sha256": file_sha256(out / INT8_FILE), "method": int8,
                         "top1_agreement": float((logits8.argmax(1) == logits32.argmax(1)).float().mean()),
                         "top1": top8, "top1_drop": None if top32 is None else top32 - top8,
                         "max_abs_diff_logits": float((logits8 - logits32).abs().max()),

@@ -17,7 +17,6 @@ score, computed on the calibrated logits (logits / T) as the export computes its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from safetensors.torch import load_file
 from mycodist import __version__
 from mycodist.catalog import CLASS_INDICES, SPECIES, Species, load_class_indices, load_species
 from mycodist.errors import UsageError
-from mycodist.export.artifact import CALIBRATION, CONFIG_FILE, MODEL_FILE, OOD_FILE, read_export
+from mycodist.export.artifact import CALIBRATION, CONFIG_FILE, MODEL_FILE, OOD_FILE, file_sha256, read_export
 from mycodist.models import ood as feature_ood
 from mycodist.serve.failsafe import calibration_problems
 from mycodist.serve.preprocess import EvalTransform
@@ -187,14 +186,6 @@ def read_feature_ood(export_dir: Path, num_classes: int, quantile: float = 0.05)
     raise UsageError(f"'{cal}': feature_ood has no finite threshold; re-export with `mycodist export RUN_DIR`")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuilder | None = None,
                 ood_score: str = "neg_energy", ood_quantile: float = 0.05) -> Export:
     """Load and check everything once, at start-up, so a broken export fails before serving a request."""
@@ -228,7 +219,7 @@ def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuild
                          f"{len(labels)} classes ({detail or e}); was it exported from this run's config?") from None
     model.eval().to(device)
     feature_rule = read_feature_ood(d, len(labels), ood_quantile)  # statistics stay on the CPU, in float64
-    sha = _sha256(d / MODEL_FILE)
+    sha = file_sha256(d / MODEL_FILE)
     info = {"id": f"{cfg.model.get('name', 'model')}-{sha[:12]}", "name": str(cfg.model.get("name", "")),
             "sha256": sha, "classes": len(labels), "img_size": transform.size, "version": __version__,
             "temperature": temperature,
