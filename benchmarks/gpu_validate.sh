@@ -13,7 +13,8 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+dry=0; for a in "$@"; do [ "$a" = --dry-run ] && dry=1; done
+if [ "$dry" = 0 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # the dry run uses this machine's venv
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_validate.sh: installing the carried wheels failed" >&2; exit 2; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-from serve_util import logits_for, make_export, photo, tiny_builder
+from serve_util import CALIBRATED, logits_for, make_export, photo, tiny_builder
 
 from mycodist.config import load_config
 from mycodist.serve.app import RUNNER_KWARGS, SERVICE, build_service_app
@@ -73,7 +73,7 @@ async def _slow_upload(port: int, stop: asyncio.Event, log: list[tuple[int, floa
 
 @pytest.mark.slow
 def test_slow_uploads_do_not_take_the_server_down(tmp_path, caplog):
-    export = make_export(tmp_path / "e", logits_for({"boletus_bonus": 0.999999}), {"temperature": 1.0})
+    export = make_export(tmp_path / "e", logits_for({"boletus_bonus": 0.999999}), CALIBRATED)
     cfg = load_config(None, [f"serve.body_timeout={BODY_TIMEOUT}", f"serve.max_uploads_per_client={PER_CLIENT}",
                              "serve.max_wait_ms=2", "serve.torch_threads=1"])
     app = build_service_app(export, cfg, builder=tiny_builder)
