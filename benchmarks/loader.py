@@ -24,7 +24,7 @@ included), interleaved, `--repeats` times. Two figures per variant, best run kep
 - wall images/s with `--workers` processes (only meaningful on an otherwise idle machine).
 Last line: JSON with both for each variant, `ratio_vs_wds` and `fraction_of_decode_bound` (per core).
 
-    .venv/bin/python benchmarks/loader.py [--images 800] [--workers 2] [--repeats 3]
+    .venv/bin/python benchmarks/loader.py [--images 800] [--workers 2] [--repeats 3] [--scale-probe]
 """
 
 from __future__ import annotations
@@ -214,6 +214,21 @@ def run_decode(jpgs: list[bytes], workers: int, fn) -> tuple[float, int]:
     return time.perf_counter() - t0, len(jpgs)
 
 
+def scale_probe(jpgs: list[bytes], rounds: int = 3) -> dict[str, float]:
+    """CPU ms per image for simplejpeg decoding whole photos at each k/8: which scales are worth using."""
+    out = {}
+    sizes = [jpeg_size(j) for j in jpgs]
+    for k in range(1, 9):
+        best = math.inf
+        for _ in range(rounds):
+            c0 = time.process_time()
+            for j, (w, h) in zip(jpgs, sizes, strict=True):
+                decode_scaled(j, w, h, math.ceil(w * k / 8), math.ceil(h * k / 8), scales=(k,))
+            best = min(best, (time.process_time() - c0) / len(jpgs) * 1e3)
+        out[f"{k}/8"] = round(best, 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=800)
@@ -221,6 +236,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scale-probe", action="store_true", help="also time simplejpeg at each k/8 scale")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ImageConfig().check()
@@ -243,6 +259,9 @@ def main() -> None:
             "crop_bound": lambda: run_decode(jpgs, args.workers, _turbo_decode_and_crop),
             "crop_bound_pillow": lambda: run_decode(jpgs, args.workers, _decode_and_crop),
         }
+        probe = scale_probe(jpgs[:100]) if args.scale_probe else None
+        if probe:
+            print("simplejpeg CPU ms per image by scale:", probe)
         per_core: dict[str, float] = {}
         wall: dict[str, float] = {}
         for r in range(args.repeats):
@@ -260,6 +279,8 @@ def main() -> None:
     result: dict[str, object] = {f"{k}_img_s_per_core": round(v, 1) for k, v in per_core.items()}
     result.update({f"{k}_wall_img_s": round(v, 1) for k, v in wall.items()})
     result["decode_bound_is"] = fastest
+    if probe:
+        result["simplejpeg_ms_by_scale"] = probe
     result.update({
         "workers": args.workers, "batch": args.batch, "images": args.images, "cpus": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 1),
