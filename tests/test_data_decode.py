@@ -124,3 +124,11 @@ def test_decoder_key_is_validated_and_eval_never_uses_simplejpeg(monkeypatch):
 
     monkeypatch.setattr(transforms, "decode_scaled", boom)
     assert decode_eval(photo(0, (640, 480)), TURBO).shape == (64, 64, 3)
+
+
+def test_a_truncated_jpeg_fails_as_on_the_pillow_path():
+    """simplejpeg refuses it (strict), Pillow then raises as before, so the loader counts it as a bad sample."""
+    data = photo(0, (640, 480))[:20000]
+    for cfg in (PILLOW, TURBO):
+        with pytest.raises(OSError, match="truncated"):
+            decode_train(data, cfg, random.Random(0))
