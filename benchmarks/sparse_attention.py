@@ -19,7 +19,9 @@ the flex backward on CPU recomputes with SDPA anyway (docs/models.md), so accura
     python benchmarks/sparse_attention.py --shards demo/shards [--steps 64] [--img-size 96]
     python benchmarks/sparse_attention.py --timing-only --device cuda --timing-batch 64    # GPU figures
 
-Runs resume: a variant whose `OUT/<variant>/summary.json` already has `--steps` steps is not retrained.
+Runs resume: a variant whose `OUT/<variant>/summary.json` already has `--steps` steps is not retrained, and
+its cost row (`OUT/<variant>/cost-<device>.json`, same settings) is not re-measured, so `--only` can split the
+variants over several invocations (e.g. two at once) and a last plain run assembles the table.
 Last line: JSON with every row.
 """
 
@@ -97,6 +99,22 @@ def train(name: str, spec: MaskSpec, args: argparse.Namespace) -> dict:
     return {**done["final_eval"]["model"], "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1)}
 
 
+def cached_cost(name: str, spec: MaskSpec, args: argparse.Namespace, num_classes: int) -> dict:
+    """`cost`, reused from OUT/<variant>/cost-<device>.json when it was measured with the same settings."""
+    path = args.out / name / f"cost-{args.device}.json"
+    key = {"model": args.model, "img_size": args.img_size, "timing_batch": args.timing_batch,
+           "repeats": args.repeats, "threads": torch.get_num_threads(), "spec": repr(spec)}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            print(f"{name}: reusing {path}", flush=True)
+            return saved["row"]
+    row = cost(spec, args, num_classes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": key, "row": row})
+    return row
+
+
 def cost(spec: MaskSpec, args: argparse.Namespace, num_classes: int) -> dict:
     """Mask density, FLOPs, and fwd+bwd time / peak memory of one training step with flex and with sdpa."""
     model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, mask=spec)
@@ -148,6 +166,30 @@ def cost(spec: MaskSpec, args: argparse.Namespace, num_classes: int) -> dict:
     return row
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The study's table as docs/models.md shows it (missing figures, e.g. accuracy with --timing-only, as –)."""
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f} %"
+
+    def num(v, fmt="{:.3f}"):
+        return "–" if v is None else fmt.format(v)
+
+    head = ["mask", "val top-1", "val top-5", "macro-F1", "val loss", "pairs attended", "flex blocks computed",
+            "attention GFLOPs / image (fwd)", "model GFLOPs / image (fwd)", "fwd+bwd flex ms (CPU ms)",
+            "flex peak MiB", "fwd+bwd sdpa ms (CPU ms)", "sdpa peak MiB", "training CPU s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], pct(r.get("top1")), pct(r.get("top5")), num(r.get("macro_f1")), num(r.get("loss")),
+                 pct(r["pairs_attended"]), pct(r["flex_blocks_computed"]), num(r["attn_gflops_per_image"]),
+                 num(r["fwd_gflops_per_image"]),
+                 f"{r['flex_fwdbwd_ms']:.0f} ({r['flex_fwdbwd_cpu_ms']:.0f})", num(r["flex_peak_mib"], "{:.0f}"),
+                 f"{r['sdpa_fwdbwd_ms']:.0f} ({r['sdpa_fwdbwd_cpu_ms']:.0f})", num(r["sdpa_peak_mib"], "{:.0f}"),
+                 num(r.get("train_cpu_s"), "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, default=None, help="the demo shards (make demo, or its crawl step)")
@@ -168,6 +210,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads for the timing (0 = torch default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the timing runs")
     p.add_argument("--timing-only", action="store_true", help="skip training (e.g. on a GPU machine)")
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run these variants only")
     p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.timing_only and (args.shards is None or not (args.shards / "manifest.json").exists()):
@@ -193,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     specs = variants(args.windows, args.densities, args.block)
+    if args.only:
+        unknown = sorted(set(args.only) - set(specs))
+        if unknown:
+            raise SystemExit(f"--only: unknown variant(s) {unknown}; choose from {list(specs)}")
+        specs = {k: v for k, v in specs.items() if k in args.only}
     classes = num_classes_of(args.shards) if args.shards and (args.shards / "manifest.json").exists() else 24
     start, load0, cpu0 = time.perf_counter(), os.getloadavg()[0], time.process_time()
     rows = []
@@ -202,19 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             ev = train(name, spec, args)
             row.update({k: ev.get(k) for k in ("top1", "top5", "macro_f1", "loss", "samples", "train_wall_s",
                                               "train_cpu_s")})
-        row.update(cost(spec, args, classes))
+        row.update(cached_cost(name, spec, args, classes))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    base = rows[0]
+    base = next((r for r in rows if r["variant"] == "dense"), None)
     for r in rows:
         for b in ("flex", "sdpa"):
-            r[f"{b}_time_vs_dense_flex"] = round(r[f"{b}_fwdbwd_ms"] / base["flex_fwdbwd_ms"], 3)
-    cols = ["variant", "top1", "top5", "macro_f1", "loss", "pairs_attended", "flex_blocks_computed",
-            "attn_gflops_per_image", "fwd_gflops_per_image", "flex_fwdbwd_ms", "flex_fwdbwd_cpu_ms", "flex_peak_mib",
-            "sdpa_fwdbwd_ms", "sdpa_fwdbwd_cpu_ms", "sdpa_peak_mib", "train_wall_s", "train_cpu_s"]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
+            if base is not None:
+                r[f"{b}_cpu_time_vs_dense_flex"] = round(r[f"{b}_fwdbwd_cpu_ms"] / base["flex_fwdbwd_cpu_ms"], 3)
+    print(markdown_table(rows))
     wall = time.perf_counter() - start
     print(json.dumps({
         "benchmark": "sparse_attention", "baseline": "dense", "model": args.model, "img_size": args.img_size,
