@@ -7,7 +7,7 @@ token), and evaluated on the validation split. Variants: `dense` (the named base
 so the local masks attend about the same share of pairs as the block-sparse ones (0.5, 0.25).
 
 Per variant the table gives val top-1 / top-5 / macro-F1 / loss, the share of (query, key) pairs attended
-(`TokenMask.density()`), the share of flex blocks computed (`BlockMask.sparsity()`), attention FLOPs per
+(`TokenMask.density()`), the share of flex blocks computed (partial + full blocks of the BlockMask), attention FLOPs per
 image (QKᵀ and P·V scaled by the attended share) and the whole forward's FLOPs, then the forward+backward
 time (median wall and CPU time) and peak memory of one training step of the model with `flex` (compiled, the
 kernel that skips empty blocks) and with `sdpa` (the same predicate as a dense boolean mask).
@@ -115,21 +115,29 @@ def cached_cost(name: str, spec: MaskSpec, args: argparse.Namespace, num_classes
     return row
 
 
-def cost(spec: MaskSpec, args: argparse.Namespace, num_classes: int) -> dict:
-    """Mask density, FLOPs, and fwd+bwd time / peak memory of one training step with flex and with sdpa."""
-    model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, mask=spec)
+def mask_stats(spec: MaskSpec, args: argparse.Namespace, num_classes: int) -> dict:
+    """What the mask keeps: pairs attended, flex blocks computed (partial + full, of all block pairs), FLOPs."""
+    with torch.device("meta"):
+        model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, mask=spec)
     grid = (args.img_size // model.patch_embed.patch_size[0],) * 2
     tm = model.masks.get(model.num_prefix_tokens, grid)
     n, dim, depth = tm.seq_len, model.embed_dim, len(model.blocks)
-    attended = tm.density()
-    blocks = 1.0
+    attended, blocks = tm.density(), 1.0
     if not tm.is_dense:
-        blocks = 1 - float(tm.block_mask("cpu").sparsity()) / 100
-    row = {"tokens": n, "pairs_attended": round(attended, 4), "flex_blocks_computed": round(blocks, 4),
-           "attn_gflops_per_image": round(depth * 4 * n * n * dim * attended / 1e9, 4),
-           "fwd_gflops_per_image": round(vit_forward_flops(
-               args.img_size, model.patch_embed.patch_size[0], dim, depth, model.blocks[0].mlp.fc1.out_features,
-               num_classes, prefix=model.num_prefix_tokens, attended_fraction=attended) / 1e9, 4)}
+        bm = tm.block_mask("cpu")
+        kept = bm.kv_num_blocks.sum() + (bm.full_kv_num_blocks.sum() if bm.full_kv_num_blocks is not None else 0)
+        blocks = float(kept) / (bm.kv_num_blocks.shape[-1] * bm.kv_indices.shape[-1])
+    return {"tokens": n, "pairs_attended": round(attended, 4), "flex_blocks_computed": round(blocks, 4),
+            "attn_gflops_per_image": round(depth * 4 * n * n * dim * attended / 1e9, 4),
+            "fwd_gflops_per_image": round(vit_forward_flops(
+                args.img_size, model.patch_embed.patch_size[0], dim, depth, model.blocks[0].mlp.fc1.out_features,
+                num_classes, prefix=model.num_prefix_tokens, attended_fraction=attended) / 1e9, 4)}
+
+
+def cost(spec: MaskSpec, args: argparse.Namespace, num_classes: int) -> dict:
+    """Forward+backward time (median wall and CPU) and peak memory of one training step, flex and sdpa."""
+    model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, mask=spec)
+    row: dict = {}
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.timing_batch, 3, args.img_size, args.img_size, generator=gen).to(device)
@@ -251,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update({k: ev.get(k) for k in ("top1", "top5", "macro_f1", "loss", "samples", "train_wall_s",
                                               "train_cpu_s")})
         row.update(cached_cost(name, spec, args, classes))
+        row.update(mask_stats(spec, args, classes))  # after: cost rows cached by older versions carried these
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["variant"] == "dense"), None)
