@@ -28,6 +28,7 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "pillow>=10",
+        "simplejpeg>=1.7",  # train-crop JPEG decoding (libjpeg-turbo wheel); Pillow is the fallback
         "omegaconf>=2.3",
         "webdataset>=0.2.86",
         "braceexpand>=0.1.7",

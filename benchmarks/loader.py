@@ -1,16 +1,21 @@
-"""Loader throughput: 224-px training crops from ~500-900 px JPEG shards, four ways, same data, same run.
+"""Loader throughput: 224-px training crops from ~500-900 px JPEG shards, several ways, same data, same run.
 
-(a) mycodist's train loader (crop chosen first, JPEG draft decode, batching in the workers);
+(a) mycodist's train loader (crop chosen first, scaled JPEG decode, batching in the workers), with its
+    default decoder (`data.decoder=auto`: simplejpeg) and (a'') with `data.decoder=pillow` (the Pillow path);
 (b) baseline: a plain webdataset pipeline, `.decode("pil")` + RandomResizedCrop done the usual way
     (crop and resize the fully decoded image) + flip + normalise, batched in the workers;
 (c) a class-folder Dataset over the same JPEGs (PIL full decode, same usual crop) with a DataLoader;
-(d) the decode bound: Pillow decoding alone, with the draft scale each of (a)'s crops allows
-    (the least decoding that can still produce those crops), in the same number of processes;
-    (d2) also the draft to 224 px on the shorter side, which no RandomResizedCrop pipeline can reach;
-    (d3) the crop bound: (d) plus the one bilinear resize of each crop box to 224 px, i.e. the pixel
-    work any pipeline producing these crops must do, with no I/O, batching or normalisation.
-(d) is the denominator of `fraction_of_decode_bound` as the issue defines it; `fraction_of_crop_bound`
-says how much of the remaining gap is pipeline overhead rather than the unavoidable resize.
+(d) decode bounds: decoding alone, bytes in memory, at the scale each of (a)'s crops needs, in the same
+    number of processes, three ways: simplejpeg at the power-of-two scale (1/8..1) that covers the crop,
+    simplejpeg at the exact k/8 scale the crop needs, and Pillow's draft (1/2, 1/4, 1/8; the old bound).
+    `decode_bound` is the fastest of the three in this run (the most demanding denominator);
+    (d2) also Pillow's draft to 224 px on the shorter side, which no RandomResizedCrop pipeline can reach;
+    (d3) crop bounds: the decode plus the one bilinear resize of each crop box to 224 px, i.e. the pixel
+    work any pipeline producing these crops must do, with no I/O, batching or normalisation (simplejpeg
+    as (a) does it, and Pillow's draft as before).
+`fraction_of_decode_bound` is (a) over `decode_bound`; `fraction_of_pillow_decode_bound` over the old
+Pillow bound; `fraction_of_crop_bound` says how much of the remaining gap is pipeline overhead rather
+than the unavoidable resize.
 
 Every variant uses the same worker count and batch size and runs whole epochs (worker start-up
 included), interleaved, `--repeats` times. Two figures per variant, best run kept:
@@ -19,7 +24,7 @@ included), interleaved, `--repeats` times. Two figures per variant, best run kep
 - wall images/s with `--workers` processes (only meaningful on an otherwise idle machine).
 Last line: JSON with both for each variant, `ratio_vs_wds` and `fraction_of_decode_bound` (per core).
 
-    .venv/bin/python benchmarks/loader.py [--images 800] [--workers 2] [--repeats 3]
+    .venv/bin/python benchmarks/loader.py [--images 800] [--workers 2] [--repeats 3] [--scale-probe]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from mycodist.catalog import Species
 from mycodist.config import load_config
 from mycodist.data import DataSpec, make_train_loader
+from mycodist.data.decode import decode_scaled, jpeg_size, resize_region, scale_request
 from mycodist.data.transforms import ImageConfig, crop_box
 from mycodist.shards import DatasetWriter
 
@@ -110,9 +116,9 @@ def time_loader(loader) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def run_mycodist(shards: Path, workers: int, batch: int, output: str) -> tuple[float, int]:
+def run_mycodist(shards: Path, workers: int, batch: int, output: str, decoder: str = "auto") -> tuple[float, int]:
     cfg = load_config(None, [f"data.shards={shards}", f"data.workers={workers}", f"train.batch_size={batch}",
-                             f"data.output={output}", "data.epoch_remainder=wrap"])
+                             f"data.output={output}", "data.epoch_remainder=wrap", f"data.decoder={decoder}"])
     return time_loader(make_train_loader(cfg, 0, 1, spec=DataSpec.from_config(cfg)))
 
 
@@ -155,6 +161,30 @@ def _decode_with_crop_draft(i: int) -> int:
         return im.size[0]
 
 
+def _turbo_request(i: int) -> tuple[int, int, tuple[int, int, int, int], tuple[int, int]]:
+    w, h = jpeg_size(_JPGS[i])
+    x, y, bw, bh = crop_box(w, h, random.Random(i), (0.08, 1.0), (3 / 4, 4 / 3))
+    box = (x, y, x + bw, y + bh)
+    return w, h, box, scale_request(w, h, box, SIZE)
+
+
+def _decode_turbo_pow2(i: int) -> int:
+    w, h, _, need = _turbo_request(i)
+    return decode_scaled(_JPGS[i], w, h, *need).shape[1]
+
+
+def _decode_turbo_k8(i: int) -> int:
+    w, h, _, need = _turbo_request(i)
+    return decode_scaled(_JPGS[i], w, h, *need, scales=tuple(range(1, 9))).shape[1]
+
+
+def _turbo_decode_and_crop(i: int) -> int:
+    w, h, box, need = _turbo_request(i)
+    arr = decode_scaled(_JPGS[i], w, h, *need)
+    sx, sy = arr.shape[1] / w, arr.shape[0] / h
+    return resize_region(arr, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), SIZE, 2.0).size[0]
+
+
 def _decode_and_crop(i: int) -> int:
     with Image.open(io.BytesIO(_JPGS[i])) as im:
         x, y, w, h = crop_box(im.size[0], im.size[1], random.Random(i), (0.08, 1.0), (3 / 4, 4 / 3))
@@ -184,6 +214,21 @@ def run_decode(jpgs: list[bytes], workers: int, fn) -> tuple[float, int]:
     return time.perf_counter() - t0, len(jpgs)
 
 
+def scale_probe(jpgs: list[bytes], rounds: int = 3) -> dict[str, float]:
+    """CPU ms per image for simplejpeg decoding whole photos at each k/8: which scales are worth using."""
+    out = {}
+    sizes = [jpeg_size(j) for j in jpgs]
+    for k in range(1, 9):
+        best = math.inf
+        for _ in range(rounds):
+            c0 = time.process_time()
+            for j, (w, h) in zip(jpgs, sizes, strict=True):
+                decode_scaled(j, w, h, math.ceil(w * k / 8), math.ceil(h * k / 8), scales=(k,))
+            best = min(best, (time.process_time() - c0) / len(jpgs) * 1e3)
+        out[f"{k}/8"] = round(best, 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=800)
@@ -191,6 +236,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scale-probe", action="store_true", help="also time simplejpeg at each k/8 scale")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ImageConfig().check()
@@ -203,12 +249,19 @@ def main() -> None:
         variants = {
             "mycodist": lambda: run_mycodist(shards, args.workers, args.batch, "float"),
             "mycodist_uint8": lambda: run_mycodist(shards, args.workers, args.batch, "uint8"),
+            "mycodist_pillow": lambda: run_mycodist(shards, args.workers, args.batch, "float", "pillow"),
             "webdataset_plain": lambda: run_wds(shards, args.workers, args.batch),
             "class_folder": lambda: run_folder(folders, args.workers, args.batch),
-            "decode_bound": lambda: run_decode(jpgs, args.workers, _decode_with_crop_draft),
+            "decode_simplejpeg_pow2": lambda: run_decode(jpgs, args.workers, _decode_turbo_pow2),
+            "decode_simplejpeg_k8": lambda: run_decode(jpgs, args.workers, _decode_turbo_k8),
+            "decode_bound_pillow": lambda: run_decode(jpgs, args.workers, _decode_with_crop_draft),
             "decode_draft_224": lambda: run_decode(jpgs, args.workers, _decode_with_fixed_draft),
-            "crop_bound": lambda: run_decode(jpgs, args.workers, _decode_and_crop),
+            "crop_bound": lambda: run_decode(jpgs, args.workers, _turbo_decode_and_crop),
+            "crop_bound_pillow": lambda: run_decode(jpgs, args.workers, _decode_and_crop),
         }
+        probe = scale_probe(jpgs[:100]) if args.scale_probe else None
+        if probe:
+            print("simplejpeg CPU ms per image by scale:", probe)
         per_core: dict[str, float] = {}
         wall: dict[str, float] = {}
         for r in range(args.repeats):
@@ -220,15 +273,25 @@ def main() -> None:
                 wall[name] = max(wall.get(name, 0.0), n / secs)
                 print(f"repeat {r} {name:>18}: {n} images, {secs:.2f} s wall = {n / secs:.0f} img/s, "
                       f"{cpu:.2f} CPU s = {n / cpu:.0f} img/s per core")
+    decoders = ("decode_simplejpeg_pow2", "decode_simplejpeg_k8", "decode_bound_pillow")
+    fastest = max(decoders, key=per_core.__getitem__)
+    per_core["decode_bound"], wall["decode_bound"] = per_core[fastest], wall[fastest]
     result: dict[str, object] = {f"{k}_img_s_per_core": round(v, 1) for k, v in per_core.items()}
     result.update({f"{k}_wall_img_s": round(v, 1) for k, v in wall.items()})
+    result["decode_bound_is"] = fastest
+    if probe:
+        result["simplejpeg_ms_by_scale"] = probe
     result.update({
         "workers": args.workers, "batch": args.batch, "images": args.images, "cpus": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 1),
         "ratio_vs_wds": round(per_core["mycodist"] / per_core["webdataset_plain"], 2),
         "ratio_vs_class_folder": round(per_core["mycodist"] / per_core["class_folder"], 2),
         "fraction_of_decode_bound": round(per_core["mycodist"] / per_core["decode_bound"], 2),
+        "fraction_of_pillow_decode_bound": round(per_core["mycodist"] / per_core["decode_bound_pillow"], 2),
         "fraction_of_crop_bound": round(per_core["mycodist"] / per_core["crop_bound"], 2),
+        "fraction_of_pillow_crop_bound": round(per_core["mycodist"] / per_core["crop_bound_pillow"], 2),
+        "pillow_path_ratio_vs_wds": round(per_core["mycodist_pillow"] / per_core["webdataset_plain"], 2),
+        "speedup_vs_pillow_path": round(per_core["mycodist"] / per_core["mycodist_pillow"], 3),
         "uint8_ratio_vs_wds": round(per_core["mycodist_uint8"] / per_core["webdataset_plain"], 2),
         "uint8_fraction_of_decode_bound": round(per_core["mycodist_uint8"] / per_core["decode_bound"], 2),
         "wall_ratio_vs_wds": round(wall["mycodist"] / wall["webdataset_plain"], 2),

@@ -1,9 +1,10 @@
 """The image path: JPEG bytes → uint8 crop (in the worker, per sample) → batch tensor (per batch).
 
-Per sample, the crop is chosen on the photo's full size first, then JPEG draft mode decodes at the
-largest 1/2, 1/4 or 1/8 scale that still leaves the crop at least as large as the output, and one
-Pillow resize with a source box does crop and resize together. That is the whole speed difference
-against the usual decode-everything-then-crop path.
+Per sample, the crop is chosen on the photo's full size first, then the JPEG is decoded at the smallest
+scale that still leaves the crop at least as large as the output — any k/8 with libjpeg-turbo through
+simplejpeg (decode.py, `data.decoder`), 1/2, 1/4 or 1/8 with Pillow's draft mode — and one Pillow resize
+with a source box does crop and resize together. That is the whole speed difference against the usual
+decode-everything-then-crop path. The eval crop always takes the Pillow path, which serving restates.
 
 Each crop is written straight into its slot of a uint8 NHWC batch buffer (flip = a reversed numpy
 view, copied once), which a DataLoader worker allocates in shared memory: the hand-off to the
@@ -29,6 +30,15 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from mycodist.data.decode import (
+    DECODERS,
+    decode_scaled,
+    jpeg_size,
+    resize_region,
+    scale_request,
+    simplejpeg_available,
+    use_simplejpeg,
+)
 from mycodist.errors import UsageError
 from mycodist.preprocess import EvalPreprocess, scale_shift
 
@@ -61,6 +71,7 @@ class ImageConfig:
     channels_last: bool = False
     draft: bool = True
     reducing_gap: float = 2.0
+    decoder: str = "auto"
     eval: EvalPreprocess | None = None  # the eval transform (mycodist/preprocess.py); None = defaults at `size`
 
     @property
@@ -85,7 +96,8 @@ class ImageConfig:
                  mean=_triple(d.mean, "data.mean"), std=_triple(d.std, "data.std"),
                  mixup_alpha=float(d.mixup_alpha), cutmix_alpha=float(d.cutmix_alpha),
                  mixup_prob=float(d.mixup_prob), output=resolve_output(str(d.output)), channels_last=bool(d.channels_last),
-                 draft=ev.draft, eval=ev, reducing_gap=float(d.get("reducing_gap", cls.reducing_gap)))
+                 draft=ev.draft, eval=ev, reducing_gap=float(d.get("reducing_gap", cls.reducing_gap)),
+                 decoder=str(d.get("decoder", cls.decoder)))
         ic.check()
         return ic
 
@@ -96,6 +108,11 @@ class ImageConfig:
             raise UsageError(f"data.scale={list(self.scale)} must satisfy 0 < min <= max <= 1")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise UsageError(f"data.ratio={list(self.ratio)} must satisfy 0 < min <= max")
+        if self.decoder not in DECODERS:
+            raise UsageError(f"data.decoder='{self.decoder}' must be one of {DECODERS}")
+        if self.decoder == "simplejpeg" and not simplejpeg_available():
+            raise UsageError("data.decoder=simplejpeg but simplejpeg is not installed (pip install simplejpeg, "
+                             "or data.decoder=auto to fall back to Pillow)")
         if self.output not in OUTPUTS:
             raise UsageError(f"data.output='{self.output}' must be one of auto, {', '.join(OUTPUTS)}")
         if self.reducing_gap != 0 and self.reducing_gap < 1:
@@ -174,17 +191,44 @@ def _store(img: Image.Image, flip: bool, out: np.ndarray | None) -> np.ndarray:
 
 
 def decode_train(data: bytes, cfg: ImageConfig, rng: random.Random, out: np.ndarray | None = None) -> np.ndarray:
-    """Random-resized-crop and flip one JPEG to a (size, size, 3) uint8 array (written into `out` if given).
+    """Random-resized-crop and flip one image to a (size, size, 3) uint8 array (written into `out` if given).
 
-    `reducing_gap` lets Pillow shrink by an integer factor (cheap box averaging) before the bilinear
-    pass when the crop is still >= gap x the output after draft decoding: a no-op for JPEGs that
-    draft already reduced, a large saving for non-JPEGs or `draft=false`."""
+    The crop box and the flip are drawn from `rng` the same way whichever decoder runs; only how the
+    pixels are produced differs (see `_turbo_crop`). `reducing_gap` lets Pillow shrink by an integer
+    factor (cheap box averaging) before the bilinear pass when the crop is still >= gap x the output
+    after scaled decoding: a no-op for scaled JPEGs, a large saving for non-JPEGs or `draft=false`."""
+    gap = cfg.reducing_gap or None
+    size = jpeg_size(data) if cfg.draft and use_simplejpeg(cfg.decoder) else None
+    if size is not None:
+        x, y, w, h = crop_box(size[0], size[1], rng, cfg.scale, cfg.ratio)
+        flip = rng.random() < cfg.hflip
+        small = _turbo_crop(data, size, (x, y, x + w, y + h), cfg.size, gap)
+        if small is not None:
+            return _store(small, flip, out)
+        with Image.open(io.BytesIO(data)) as img:  # rare: a JPEG the header read allowed but decoding refused
+            img, box = _draft(img, (x, y, x + w, y + h), cfg.size, cfg.draft)
+            return _store(img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box, reducing_gap=gap), flip, out)
     with Image.open(io.BytesIO(data)) as img:
         x, y, w, h = crop_box(img.size[0], img.size[1], rng, cfg.scale, cfg.ratio)
         flip = rng.random() < cfg.hflip
         img, box = _draft(img, (x, y, x + w, y + h), cfg.size, cfg.draft)
-        small = img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box, reducing_gap=cfg.reducing_gap or None)
+        small = img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box, reducing_gap=gap)
     return _store(small, flip, out)
+
+
+def _turbo_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, int], size: int,
+                gap: float | None) -> Image.Image | None:
+    """Decode at the smallest scale that keeps `box` >= size (decode.py), then Pillow's one bilinear resize.
+
+    Pixel-level difference from the Pillow path: where both pick the same scale, the decoded pixels are
+    identical and the resize differs by at most 1 level (`resize_region`); where Pillow's
+    draft rounds down and decodes 2x larger, the IDCT does half of the shrinking the bilinear filter would
+    do (tests/test_data_transforms.py bounds the difference and compares statistics)."""
+    arr = decode_scaled(data, full[0], full[1], *scale_request(full[0], full[1], box, size))
+    if arr is None:
+        return None
+    sx, sy = arr.shape[1] / full[0], arr.shape[0] / full[1]
+    return resize_region(arr, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), size, gap)
 
 
 def decode_eval(data: bytes, cfg: ImageConfig, out: np.ndarray | None = None) -> np.ndarray:
