@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_util import fake_run
 
-from mycodist.catalog import CLASS_INDICES, load_class_indices
+from mycodist.catalog import CLASS_INDICES, SPECIES, load_class_indices
 from mycodist.config import CONFIG_FILENAME, load_config
 from mycodist.export.artifact import OOD_FILE
 from mycodist.export.build import export_run, split_outputs
@@ -49,3 +49,26 @@ def test_export_writes_ood_statistics_that_serving_loads(tmp_path):
     ex = load_export(out)
     assert ex.feature_ood is not None and ex.feature_ood.threshold == pytest.approx(entry["threshold"])
     assert ex.info["feature_ood"]["score"] == "mahalanobis"
+
+
+def test_export_merges_the_catalogue_with_the_lookalike_reference_again(tmp_path):
+    """A run whose catalogue says a death cap is edible and knows no lookalikes: the export's species.json
+    has it deadly (the most dangerous source wins, the disagreement kept) and the field mushroom linked to
+    its deadly lookalikes both ways."""
+    from mycodist.catalog import Species, load_species, save_species
+
+    _, run = fake_run(tmp_path, per_class=6)
+    labels = load_class_indices(run / CLASS_INDICES)
+    site = {labels[0]: Species(labels[0], "Agaricus campestris", "field mushroom", edibility="edible", source="site"),
+            labels[1]: Species(labels[1], "Amanita phalloides", "death cap", edibility="edible", source="site")}
+    site.update({lab: Species(lab, "", lab, source="site") for lab in labels[2:]})
+    save_species(run / SPECIES, site.values())
+
+    out = export_run(run)
+
+    species = load_species(out / SPECIES)
+    cap, field = species[labels[1]], species[labels[0]]
+    assert cap.edibility == "deadly" and cap.edibility_sources.get("site") == "edible"
+    assert labels[1] in field.lookalikes and labels[0] in cap.lookalikes  # symmetric
+    assert field.lookalike_record and any("phalloides" in n.get("scientific_name", "").lower()
+                                          for n in field.lookalike_notes.values())
