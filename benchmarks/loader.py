@@ -52,7 +52,7 @@ from mycodist.config import load_config
 from mycodist.data import DataSpec, make_train_loader
 from mycodist.data.decode import decode_scaled, jpeg_size, resize_region, scale_request
 from mycodist.data.transforms import ImageConfig, crop_box
-from mycodist.shards import DatasetWriter
+from mycodist.shards import DatasetWriter, WriterSettings
 
 SIZE = 224
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -76,7 +76,7 @@ def make_data(root: Path, n: int, per_shard: int) -> tuple[Path, Path, list[byte
     rng = np.random.default_rng(0)
     jpgs = [photo_like(rng) for _ in range(n)]
     cfg = load_config(None, [f"shards.max_samples={per_shard}"])
-    with DatasetWriter(shards, LABELS, [Species(lab, lab, lab) for lab in LABELS], cfg, source="bench") as w:
+    with DatasetWriter(shards, LABELS, [Species(lab, lab, lab) for lab in LABELS], WriterSettings.from_config(cfg), source="bench") as w:
         for i, jpg in enumerate(jpgs):
             w.write("train", f"img{i:05d}", jpg, LABELS[i % len(LABELS)], {"url": None})
     for i, jpg in enumerate(jpgs):

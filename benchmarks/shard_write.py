@@ -20,7 +20,7 @@ from PIL import Image
 
 from mycodist.catalog import Species
 from mycodist.config import load_config
-from mycodist.shards import DatasetWriter, read_manifest
+from mycodist.shards import DatasetWriter, WriterSettings, read_manifest
 from mycodist.shards.verify import verify_dataset
 
 CLASSES = 8
@@ -57,7 +57,7 @@ def bench_writer(samples, out: Path, maxcount: int) -> tuple[float, float]:
     species = [Species(lab, f"Species {c}", "", edibility="unknown") for c, lab in enumerate(labels)]
     cfg = load_config(None, [f"shards.max_samples={maxcount}"])
     t0 = time.perf_counter()
-    w = DatasetWriter(out, labels, species, cfg, source="bench")
+    w = DatasetWriter(out, labels, species, WriterSettings.from_config(cfg), source="bench")
     for key, jpg, label, meta in samples:
         w.write("train", key, jpg, label, meta)
     t1 = time.perf_counter()

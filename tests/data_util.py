@@ -10,7 +10,7 @@ from PIL import Image
 
 from mycodist.catalog import Species
 from mycodist.config import load_config
-from mycodist.shards import DatasetWriter
+from mycodist.shards import DatasetWriter, WriterSettings
 
 LABELS = ["amanita_pallida", "boletus_bonus", "cantharellus_aureus", "morchella_esculenta"]
 SPECIES = [Species(lab, lab.replace("_", " ").capitalize(), lab) for lab in LABELS]
@@ -40,7 +40,7 @@ def make_shards(out: Path, train: list[int], val: list[int] = (), size: tuple[in
     shard_sizes = [("train", c) for c in train] + [("val", c) for c in val]
     for i, (split, count) in enumerate(shard_sizes):
         cfg = config(f"shards.max_samples={count}")
-        with DatasetWriter(out, LABELS, SPECIES, cfg, source="test", resume=i > 0) as w:
+        with DatasetWriter(out, LABELS, SPECIES, WriterSettings.from_config(cfg), source="test", resume=i > 0) as w:
             for _ in range(count):
                 key = f"s{n:05d}"
                 jpg = noise_jpeg(n, size)

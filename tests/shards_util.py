@@ -10,7 +10,7 @@ from PIL import Image
 
 from mycodist.catalog import Species
 from mycodist.config import load_config
-from mycodist.shards import DatasetWriter, assign_splits
+from mycodist.shards import DatasetWriter, WriterSettings, assign_splits
 
 LABELS = ["amanita_pallida", "boletus_bonus", "cantharellus_aureus"]
 SPECIES = [
@@ -42,7 +42,7 @@ def make_dataset(out: Path, per_label: int = 8, overrides: tuple[str, ...] = ("s
     cfg = config(*overrides)
     keys = {lab: [f"{lab}-{i:04d}" for i in range(per_label)] for lab in LABELS}
     splits = assign_splits(keys, float(cfg.shards.val_fraction))
-    with DatasetWriter(out, LABELS, SPECIES, cfg, source="test", **writer_kwargs) as w:
+    with DatasetWriter(out, LABELS, SPECIES, WriterSettings.from_config(cfg), source="test", **writer_kwargs) as w:
         for lab, ks in keys.items():
             for i, k in enumerate(ks):
                 w.write(splits[k], k, jpeg(COLOURS[lab], noise_seed=i), lab, {"url": f"http://127.0.0.1/{k}.jpg"})

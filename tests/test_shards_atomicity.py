@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from shards_util import LABELS, SPECIES, config, jpeg
 
-from mycodist.shards import DatasetWriter, ManifestError, read_manifest
+from mycodist.shards import DatasetWriter, ManifestError, WriterSettings, read_manifest
 from mycodist.shards.tarshard import list_shards
 from mycodist.shards.verify import verify_dataset
 
@@ -18,8 +18,8 @@ WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from shards_util import LABELS, SPECIES, config, jpeg
-    from mycodist.shards import DatasetWriter
-    w = DatasetWriter(sys.argv[1], LABELS, SPECIES, config("shards.max_samples=5"),
+    from mycodist.shards import DatasetWriter, WriterSettings
+    w = DatasetWriter(sys.argv[1], LABELS, SPECIES, WriterSettings.from_config(config("shards.max_samples=5")),
                       on_shard_closed=lambda split, path, keys: print("closed", path.name, flush=True))
     for i in range(8):
         w.write("train", f"k{{i:03d}}", jpeg(noise_seed=i), LABELS[i % 3], {{}})
@@ -50,7 +50,7 @@ def test_killed_writer_leaves_no_acceptable_half_shard(tmp_path):
     assert any("no manifest.json" in p for p in verify_dataset(out))
 
     # resume keeps the complete shard, drops the temporary one, and numbers new shards after it
-    with DatasetWriter(out, LABELS, SPECIES, config("shards.max_samples=5"), resume=True) as w:
+    with DatasetWriter(out, LABELS, SPECIES, WriterSettings.from_config(config("shards.max_samples=5")), resume=True) as w:
         assert w.keys == {f"k{i:03d}" for i in range(5)}
         for i in range(5, 12):
             w.write("train", f"k{i:03d}", jpeg(noise_seed=i), LABELS[i % 3], {})
@@ -62,8 +62,8 @@ def test_killed_writer_leaves_no_acceptable_half_shard(tmp_path):
 
 
 def test_resume_refuses_other_labels(tmp_path):
-    with DatasetWriter(tmp_path, LABELS, SPECIES, config()) as w:
+    with DatasetWriter(tmp_path, LABELS, SPECIES, WriterSettings.from_config(config())) as w:
         w.write("train", "a", jpeg(), LABELS[0], {})
     with pytest.raises(ValueError, match="other labels"):
-        DatasetWriter(tmp_path, list(reversed(LABELS)), SPECIES, config(), resume=True)
+        DatasetWriter(tmp_path, list(reversed(LABELS)), SPECIES, WriterSettings.from_config(config()), resume=True)
     read_manifest(tmp_path)  # the refused resume left the data set as it was

@@ -6,7 +6,7 @@ from shards_util import SPECIES, config, jpeg
 
 from mycodist.catalog import Species
 from mycodist.cli import main
-from mycodist.shards import DatasetWriter, read_manifest
+from mycodist.shards import DatasetWriter, WriterSettings, read_manifest
 from mycodist.shards.verify import verify_dataset
 
 BY_LABEL = {s.label: s for s in SPECIES}
@@ -15,7 +15,7 @@ BY_LABEL = {s.label: s for s in SPECIES}
 def worker_output(out, labels, prefix, n=6, species=None, source="worker"):
     """What one crawl worker leaves: a complete data set over its own labels."""
     species = species or [BY_LABEL[lab] for lab in labels]
-    with DatasetWriter(out, labels, species, config("shards.max_samples=4"), source=source) as w:
+    with DatasetWriter(out, labels, species, WriterSettings.from_config(config("shards.max_samples=4")), source=source) as w:
         for i in range(n):
             lab = labels[i % len(labels)]
             w.write("val" if i % 3 == 0 else "train", f"{prefix}-{i:03d}", jpeg(noise_seed=i), lab, {})

@@ -4,13 +4,13 @@ from PIL import Image
 from shards_util import LABELS, SPECIES, config, jpeg, make_dataset
 
 from mycodist.cli import main
-from mycodist.shards import DatasetWriter
+from mycodist.shards import DatasetWriter, WriterSettings
 
 
 def test_stats_report(tmp_path, capsys):
     ds = tmp_path / "ds"
     sizes = [(48, 32), (32, 48), (64, 64), (100, 50)]
-    with DatasetWriter(ds, LABELS, SPECIES, config()) as w:
+    with DatasetWriter(ds, LABELS, SPECIES, WriterSettings.from_config(config())) as w:
         for i in range(12):  # 6 of class 0, 4 of class 1, 2 of class 2
             label = LABELS[0] if i < 6 else LABELS[1] if i < 10 else LABELS[2]
             w.write("val" if i in (0, 6) else "train", f"s{i:02d}", jpeg(size=sizes[i % 4]), label, {})

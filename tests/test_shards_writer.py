@@ -12,7 +12,14 @@ from PIL import Image
 from shards_util import COLOURS, LABELS, SPECIES, config, jpeg, make_dataset
 
 from mycodist.catalog import load_class_indices, load_species
-from mycodist.shards import DatasetWriter, DuplicateKeyError, ManifestError, assign_splits, read_manifest
+from mycodist.shards import (
+    DatasetWriter,
+    DuplicateKeyError,
+    ManifestError,
+    WriterSettings,
+    assign_splits,
+    read_manifest,
+)
 
 REQUIRED = {"label", "scientific_name", "common_name", "source", "url", "sha256", "width", "height", "edibility"}
 
@@ -81,7 +88,7 @@ def test_contract_read_back_with_webdataset(tmp_path):
 def test_shard_limits_by_samples_and_bytes(tmp_path):
     cfg = config("shards.max_samples=1000", "shards.max_bytes=12000")
     big = jpeg(size=(64, 64), quality=95)
-    with DatasetWriter(tmp_path, LABELS, SPECIES, cfg) as w:
+    with DatasetWriter(tmp_path, LABELS, SPECIES, WriterSettings.from_config(cfg)) as w:
         for i in range(12):
             w.write("train", f"k{i:03d}", big, LABELS[i % 3], {})
     m = read_manifest(tmp_path)
@@ -89,7 +96,7 @@ def test_shard_limits_by_samples_and_bytes(tmp_path):
     for s in m.shards:
         assert s.bytes <= 12000 or s.samples == 1
     cfg = config("shards.max_samples=4")
-    with DatasetWriter(tmp_path / "n", LABELS, SPECIES, cfg) as w:
+    with DatasetWriter(tmp_path / "n", LABELS, SPECIES, WriterSettings.from_config(cfg)) as w:
         for i in range(10):
             w.write("train", f"k{i:03d}", jpeg(), LABELS[0], {})
     assert [s.samples for s in read_manifest(tmp_path / "n").shards] == [4, 4, 2]
@@ -102,7 +109,7 @@ def test_same_samples_give_identical_shards(tmp_path):
 
 
 def test_write_rejects_bad_samples(tmp_path):
-    with DatasetWriter(tmp_path, LABELS, SPECIES, config()) as w:
+    with DatasetWriter(tmp_path, LABELS, SPECIES, WriterSettings.from_config(config())) as w:
         w.write("train", "k1", jpeg(), "boletus_bonus", {})
         with pytest.raises(DuplicateKeyError):
             w.write("val", "k1", jpeg(), "boletus_bonus", {})
@@ -129,15 +136,15 @@ def test_write_rejects_bad_samples(tmp_path):
     assert [(r["edibility"], r["source"]) for r in recs] == [("choice", ""), ("inedible", "site"), ("choice", "")]
     assert recs[2]["seed"] == 7
     with pytest.raises(ValueError, match="slug"):
-        DatasetWriter(tmp_path / "x", ["Boletus Bonus"], SPECIES, config())
+        DatasetWriter(tmp_path / "x", ["Boletus Bonus"], SPECIES, WriterSettings.from_config(config()))
     with pytest.raises(ValueError, match="no species record"):
-        DatasetWriter(tmp_path / "x", ["russula_rosea"], SPECIES, config())
+        DatasetWriter(tmp_path / "x", ["russula_rosea"], SPECIES, WriterSettings.from_config(config()))
 
 
 def test_failure_inside_writer_leaves_no_manifest_and_no_temp_files(tmp_path):
     closed = []
     with pytest.raises(RuntimeError):
-        with DatasetWriter(tmp_path, LABELS, SPECIES, config("shards.max_samples=2"),
+        with DatasetWriter(tmp_path, LABELS, SPECIES, WriterSettings.from_config(config("shards.max_samples=2")),
                            on_shard_closed=lambda split, path, keys: closed.append((split, path.name, keys,
                                                                                    path.is_file()))) as w:
             for i in range(3):
@@ -153,7 +160,7 @@ def test_failure_inside_writer_leaves_no_manifest_and_no_temp_files(tmp_path):
 def test_rewriting_a_folder_replaces_the_old_data_set(tmp_path):
     make_dataset(tmp_path, per_label=20)
     assert len(read_manifest(tmp_path).shards) > 2
-    with DatasetWriter(tmp_path, LABELS, SPECIES, config()) as w:
+    with DatasetWriter(tmp_path, LABELS, SPECIES, WriterSettings.from_config(config())) as w:
         w.write("train", "only", jpeg(), LABELS[1], {})
     m = read_manifest(tmp_path)
     assert [s.file for s in m.shards] == ["train-000000.tar"] and sorted(p.name for p in tmp_path.glob("*.tar")) == [

@@ -15,10 +15,12 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from mycodist import __version__
@@ -29,7 +31,7 @@ from mycodist.crawl.fetch import Fetcher, FetchError, FetchSettings
 from mycodist.crawl.images import ImageOptions, ImageResult, hamming, process_image
 from mycodist.crawl.sources import Discovery, open_source
 from mycodist.errors import UsageError
-from mycodist.shards.writer import DatasetWriter, assign_splits
+from mycodist.shards.writer import DatasetWriter, WriterSettings, assign_splits
 
 REPORT = "crawl_report.json"
 # Test hook: `stage:N` kills this process with SIGKILL at the N-th `fetched`, `written` (sample in an
@@ -76,17 +78,32 @@ def _check_settings(c: DictConfig) -> None:
         raise UsageError(f"crawl.jpeg_quality must be in 1..95, got {c.jpeg_quality}")
 
 
+@dataclass(frozen=True)
+class CrawlSettings:
+    """The crawl stage's settings, built at the command's edge: the validated `crawl` group (read-only
+    attributes), the validation share, and the shard writer's settings. The stage never sees the whole config."""
+
+    c: Any
+    val_fraction: float
+    writer: WriterSettings
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> CrawlSettings:
+        _check_settings(cfg.crawl)
+        group = SimpleNamespace(**OmegaConf.to_container(cfg.crawl, resolve=True))  # type: ignore[arg-type]
+        return cls(c=group, val_fraction=float(cfg.shards.val_fraction), writer=WriterSettings.from_config(cfg))
+
+
 class Crawl:
     """One run over one output folder. `run()` returns the report it also writes to crawl_report.json."""
 
-    def __init__(self, source: str, out_dir: str | Path, cfg: DictConfig, *, retry_failed: bool = False) -> None:
-        _check_settings(cfg.crawl)
+    def __init__(self, source: str, out_dir: str | Path, settings: CrawlSettings, *, retry_failed: bool = False) -> None:
         self.spec = source
         self.out = Path(out_dir)
-        self.cfg = cfg
-        self.c = cfg.crawl
+        self.settings = settings
+        self.c = settings.c
         self.retry_failed = retry_failed
-        self.source = open_source(source, cfg.crawl)
+        self.source = open_source(source, self.c)
         self.opts = ImageOptions(max_side=self.c.max_side, min_side=self.c.min_side, max_pixels=self.c.max_pixels,
                                  jpeg_quality=self.c.jpeg_quality)
         self.crash = _CrashHook()
@@ -138,7 +155,7 @@ class Crawl:
             key = photo_key(p.url, p.label)
             by_label[p.label].append(key)
             photos.append((p.url, key, p.label))
-        splits = assign_splits(dict(by_label), float(self.cfg.shards.val_fraction))
+        splits = assign_splits(dict(by_label), self.settings.val_fraction)
         W, i = self.c.num_workers_total, self.c.worker_index
         ledger.add_photos((u, k, lab, splits[k]) for u, k, lab in photos if worker_of(u, W) == i)
         return labels, list(species.values())
@@ -200,7 +217,7 @@ class Crawl:
                     self.crash("closed")
                     ledger.mark_done_keys(keys)
 
-                writer = DatasetWriter(self.out, labels, species, self.cfg, source=self.source.name,
+                writer = DatasetWriter(self.out, labels, species, self.settings.writer, source=self.source.name,
                                        on_shard_closed=on_closed, resume=True)
                 ledger.mark_done_keys(writer.keys)  # shards renamed before a crash let the ledger know
                 ledger.replay(self.retry_failed)
@@ -371,4 +388,4 @@ class _DedupState:
 
 def crawl(source: str, out_dir: str | Path, cfg: DictConfig, *, retry_failed: bool = False) -> dict[str, Any]:
     """Run one crawl to the end (or to Ctrl-C) and return its report."""
-    return asyncio.run(Crawl(source, out_dir, cfg, retry_failed=retry_failed).run())
+    return asyncio.run(Crawl(source, out_dir, CrawlSettings.from_config(cfg), retry_failed=retry_failed).run())

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mycodist.atomic import atomic_write_json
 from mycodist.catalog import Species, load_species, slugify
 from mycodist.errors import UsageError
-from mycodist.shards.writer import DatasetWriter, assign_splits
+from mycodist.shards.writer import DatasetWriter, WriterSettings, assign_splits
 
 SOURCE = "folder"
 REPORT = "ingest_report.json"
@@ -194,7 +194,7 @@ def ingest_folder(root: Path, out: Path, cfg: DictConfig, *, species_file: str |
         species = [species_for(lab, classes[lab][0], known) for lab in labels]
         # Shuffled (by key hash) rather than class by class, so a loader's shuffle buffer mixes classes.
         order = sorted(offsets, key=lambda k: hashlib.sha256(k.encode()).digest())
-        with DatasetWriter(out, labels, species, cfg, source=SOURCE) as writer:
+        with DatasetWriter(out, labels, species, WriterSettings.from_config(cfg), source=SOURCE) as writer:
             for key in order:
                 spool.seek(offsets[key])
                 label, jpg, meta = pickle.load(spool)

@@ -11,10 +11,11 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from mycodist.atomic import TMP_PREFIX
@@ -29,7 +30,7 @@ from mycodist.catalog import (
     slugify,
 )
 from mycodist.config import save_config, to_dict
-from mycodist.lookalikes import merge_catalogue, reference_from_config
+from mycodist.lookalikes import load_references, merge_catalogue, reference_from_config
 from mycodist.shards.manifest import MANIFEST, build_manifest, write_manifest
 from mycodist.shards.tarshard import (
     KEY_RE,
@@ -71,29 +72,50 @@ def jpeg_size(jpg: bytes) -> tuple[int, int]:
         raise ValueError(f"sample image is not a readable JPEG: {e}") from None
 
 
+@dataclass(frozen=True)
+class WriterSettings:
+    """What the writer needs, built at the command's edge: shard size limits (`shards.*`), the lookalike
+    reference every catalogue is joined with (`catalog.references`), and the resolved config to record
+    beside the output as provenance (config.yaml and the manifest's `config`)."""
+
+    max_samples: int = 1000
+    max_bytes: int = 268435456
+    reference: Any = None  # a lookalikes.Reference; None = the packaged one
+    record: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> WriterSettings:
+        s = cls(max_samples=int(cfg.shards.max_samples), max_bytes=int(cfg.shards.max_bytes),
+                reference=reference_from_config(cfg), record=to_dict(cfg))
+        if s.max_samples < 1 or s.max_bytes < 1:
+            raise ValueError("shards.max_samples and shards.max_bytes must be positive")
+        return s
+
+
 class DatasetWriter:
     """Write samples into `{split}-{index:06d}.tar` shards in `out_dir`, then the side files and manifest.
 
-    Shards close at cfg.shards.max_samples samples or before passing cfg.shards.max_bytes bytes
+    Shards close at `settings.max_samples` samples or before passing `settings.max_bytes` bytes
     (a single larger sample still gets its own shard). Without `resume`, a data set already in `out_dir`
     is replaced (its manifest is removed first, so it is never half-valid). With `resume`, complete
     shards are kept, their keys count as written, and new shards are numbered after them.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, labels: list[str], species: Iterable[Species], cfg: DictConfig,
-                 *, source: str = "", on_shard_closed: ShardCallback | None = None, resume: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, labels: list[str], species: Iterable[Species],
+                 settings: WriterSettings, *, source: str = "", on_shard_closed: ShardCallback | None = None,
+                 resume: bool = False):
         self.out_dir = Path(out_dir)
         self.labels = list(labels)
-        self.cfg = cfg
+        self.settings = settings
         self.source = source
         self.on_shard_closed = on_shard_closed
-        self.max_samples = int(cfg.shards.max_samples)
-        self.max_bytes = int(cfg.shards.max_bytes)
+        self.max_samples, self.max_bytes = settings.max_samples, settings.max_bytes
         if self.max_samples < 1 or self.max_bytes < 1:
             raise ValueError("shards.max_samples and shards.max_bytes must be positive")
         self.class_of = self._check_labels(self.labels)
         # every data set's catalogue is joined with the lookalike reference (docs/lookalikes.md)
-        self.species = self._check_species(merge_catalogue(species, reference_from_config(cfg)).values())
+        reference = settings.reference if settings.reference is not None else load_references([])
+        self.species = self._check_species(merge_catalogue(species, reference).values())
         self._open: dict[str, ShardFile] = {}
         self._next_index: dict[str, int] = {}
         self._keys: set[str] = set()
@@ -230,8 +252,8 @@ class DatasetWriter:
         self.closed = True
         save_class_indices(self.out_dir / CLASS_INDICES, self.labels)
         save_species(self.out_dir / SPECIES, self.species.values())
-        save_config(self.cfg, self.out_dir)
-        manifest = build_manifest(self.out_dir, config=to_dict(self.cfg), source=self.source)
+        save_config(OmegaConf.create(self.settings.record), self.out_dir)
+        manifest = build_manifest(self.out_dir, config=dict(self.settings.record), source=self.source)
         write_manifest(self.out_dir, manifest)
         return manifest
 

@@ -99,7 +99,7 @@ def _made_by_synth(out: Path) -> bool:
 
 def _write_shards(out: Path, cfg: DictConfig, settings: SynthSettings, species: list, photos,
                   bar: tqdm) -> dict[str, int]:
-    from mycodist.shards.writer import DatasetWriter, assign_splits
+    from mycodist.shards.writer import DatasetWriter, WriterSettings, assign_splits
 
     labels = [s.label for s in species]
     # keys are known before any photo is rendered, so splits are too
@@ -107,7 +107,7 @@ def _write_shards(out: Path, cfg: DictConfig, settings: SynthSettings, species: 
     splits = assign_splits(keys, float(cfg.shards.val_fraction))
     by_label = {s.label: s for s in species}
     counts: dict[str, int] = {}
-    with DatasetWriter(out, labels, species, cfg, source="synth") as writer:
+    with DatasetWriter(out, labels, species, WriterSettings.from_config(cfg), source="synth") as writer:
         for label, key, jpg in photos:
             sp = by_label[label]
             split = splits[key]

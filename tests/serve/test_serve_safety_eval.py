@@ -11,7 +11,7 @@ import pytest
 from serve_util import LABELS, SPECIES, full_builder, logits_for, make_export, photo
 
 from mycodist.config import load_config
-from mycodist.shards import DatasetWriter, assign_splits
+from mycodist.shards import DatasetWriter, WriterSettings, assign_splits
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "safety_eval.py"
 
@@ -22,7 +22,7 @@ def test_safety_eval_catches_toxic_photos_called_edible(tmp_path):
     cfg = load_config()
     keys = {lab: [f"{lab}-{i}" for i in range(4)] for lab in LABELS}
     splits = assign_splits(keys, 0.5)
-    with DatasetWriter(shards, LABELS, SPECIES[:len(LABELS)], cfg, source="test") as w:
+    with DatasetWriter(shards, LABELS, SPECIES[:len(LABELS)], WriterSettings.from_config(cfg), source="test") as w:
         for lab, ks in keys.items():
             for i, k in enumerate(ks):
                 w.write(splits[k], k, photo(colour=(40 * i, 90, 40)), lab, {"url": None})
