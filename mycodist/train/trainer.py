@@ -35,6 +35,7 @@ from mycodist.errors import UsageError
 from mycodist.profile import Profiler
 from mycodist.train import checkpoint as ck
 from mycodist.train.board import Board, confusion_figure, prediction_grid
+from mycodist.train.consensus import agree_on_resume, check_shared_filesystem
 from mycodist.train.ema import WeightEma
 from mycodist.train.engines import Engine, make_engine
 from mycodist.train.metrics import classification_report
@@ -93,6 +94,7 @@ class Trainer:
         self.num_classes = len(self.labels)
         if self.spec.num_train == 0:
             raise UsageError(f"data.shards={cfg.data.shards!r} has no training samples")
+        check_shared_filesystem(e, self.run_dir, self.spec)  # multi-node: every rank sees rank 0's files
 
         seed_all(int(cfg.seed))  # same init on every rank
         model = build_model(cfg.model, self.num_classes)
@@ -185,7 +187,7 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         e = self.engine
-        path = ck.resolve_resume(str(self.cfg.train.resume), self.run_dir)
+        path = agree_on_resume(e, str(self.cfg.train.resume), self.run_dir)  # rank 0 decides, all load it
         if path is None:
             return
         meta = ck.read_meta(path)
@@ -231,7 +233,7 @@ class Trainer:
     def phase(self, name: str) -> Any:
         """One timed phase of the step: the loop's clock, and the collective profiler's phase."""
         self.clock.mark(name)
-        with self.profiler.phase(name if name != "step" else "optimizer"):
+        with self.profiler.phase(name if name != "step" else "optimizer"), self.engine.watch_phase(name, self.step):
             yield
 
     # --- the step loop ----------------------------------------------------------------------------
