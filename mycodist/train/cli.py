@@ -49,7 +49,7 @@ def pick_launcher(cfg: DictConfig) -> str:
     engine = cfg.train.engine
     if engine not in ENGINES:
         raise UsageError(f"train.engine={engine!r} is not one of {', '.join(ENGINES)}")
-    if engine == "torchrun-ddp":
+    if engine in ("torchrun-ddp", "fsdp"):
         return "torchrun"
     if engine == "deepspeed" or (engine == "auto" and (cfg.train.zero_stage > 0 or cfg.train.deepspeed_config)):
         return "deepspeed"

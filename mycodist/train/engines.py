@@ -26,7 +26,7 @@ from mycodist.errors import UsageError
 from mycodist.train.watchdog import Watchdog, dist_timeout_s
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp")
+ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,7 +52,7 @@ def choose_engine(cfg: DictConfig) -> str:
         return engine
     by = launched_by()
     if by == "accelerate":
-        return "accelerate"
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "accelerate"
     if by == "deepspeed" or cfg.train.zero_stage > 0 or cfg.train.deepspeed_config:
         return "deepspeed"
     return "accelerate"
@@ -144,6 +144,12 @@ class Engine:
     def input_dtype(self) -> torch.dtype:
         """DeepSpeed bf16/fp16 keeps the weights in low precision and does not autocast the inputs."""
         return torch.float32
+
+    @property
+    def forward_gathers(self) -> bool:
+        """Whether a forward issues collectives (ZeRO-3, FSDP weight all-gathers): evaluation then runs in
+        lockstep on every rank."""
+        return self.zero_stage == 3
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -667,5 +673,9 @@ class DeepSpeedEngine(Engine):
 
 def make_engine(cfg: DictConfig) -> Engine:
     name = choose_engine(cfg)
+    if name == "fsdp":
+        from mycodist.train.fsdp import FSDPEngine
+
+        return FSDPEngine(cfg)
     cls = {"accelerate": AccelerateEngine, "deepspeed": DeepSpeedEngine, "torchrun-ddp": TorchDDPEngine}[name]
     return cls(cfg)

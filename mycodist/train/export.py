@@ -63,6 +63,10 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_root), tag=tag)
+    elif meta["engine"] == "fsdp":
+        from mycodist.train.fsdp import consolidated_fsdp_weights
+
+        sd = consolidated_fsdp_weights(ckpt)
     else:
         from safetensors.torch import load_file
 

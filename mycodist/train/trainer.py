@@ -139,6 +139,8 @@ class Trainer:
             extra["group_numels"] = group_numels  # padding (ZeRO-1/2) and one small all-reduce per group
         if facts["engine"] == "zero3":
             extra["max_reuse_distance"] = facts["max_reuse_distance"]
+        if facts["engine"] == "fsdp":  # FSDP2 pads dim 0 of each parameter: the theory needs shapes
+            param_numels, extra["resident_numel"] = facts["param_shapes"], facts["resident_numel"]
         prof = Profiler(self.cfg.profile, self.run_dir, e.rank, e.world_size, engine=facts["engine"],
                         param_numels=param_numels, dtype_bytes=facts["dtype_bytes"],
                         persistence_threshold=facts.get("persistence_threshold", 0),
@@ -405,7 +407,7 @@ class Trainer:
     def evaluate(self, final: bool = False) -> dict[str, Any]:
         e = self.engine
         e.model.eval()
-        lockstep = e.zero_stage == 3  # ZeRO-3 forwards gather weights: call the engine, in step on all ranks
+        lockstep = e.forward_gathers  # ZeRO-3/FSDP forwards gather weights: call the engine, in step on all ranks
         forward = e.model if lockstep else e.module  # else the bare module: no wrapper collectives at all
         forward.eval()
         results = {"model": self.predict_eval_split(forward, lockstep=lockstep)}
@@ -457,7 +459,7 @@ class Trainer:
         with e.full_parameters():
             for name, p in e.module.named_parameters():
                 h.update(name.encode())
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+                h.update(p.detach().float().cpu().contiguous().clone().numpy().tobytes())  # a copy: FSDP frees p after
         return h.hexdigest()
 
     def write_rank_report(self, wall_s: float) -> dict[str, Any]:
