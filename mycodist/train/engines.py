@@ -462,7 +462,12 @@ class AccelerateEngine(Engine):
             _skip_shm_op()
         elif cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # else N lone rank-0s (trap 2)
-        kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(seconds=self.dist_timeout))]
+        # train.dist_timeout for the group accelerate will make: on CUDA when a launcher set LOCAL_RANK, on CPU with
+        # several ranks. Never for a lone process: accelerate refuses a backend it would not pick itself
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        launched = world > 1 if cpu else "LOCAL_RANK" in os.environ
+        kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
+                                         timeout=timedelta(seconds=self.dist_timeout))] if launched else []
         self.accelerator = Accelerator(
             mixed_precision="no" if self.precision == "fp32" else self.precision,
             gradient_accumulation_steps=self.grad_accum,
