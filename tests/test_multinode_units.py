@@ -95,3 +95,37 @@ def test_slurm_script_starts_one_torchrun_per_node_rendezvousing_on_the_first(tm
         assert line.startswith("-m torch.distributed.run --nnodes 2 --nproc_per_node 8 "), line
         assert f"--node_rank {n} --master_addr gpu-a --master_port 29500 launch/train.py" in line, line
         assert line.endswith("train.output_dir=/shared/r train.epochs=3"), line
+
+
+def test_dist_timeout_defaults_per_device_and_refuses_negatives():
+    from mycodist.config import load_config
+    from mycodist.errors import UsageError
+    from mycodist.train.watchdog import dist_timeout_s
+
+    assert dist_timeout_s(load_config(None, []), "cuda") == 600 and dist_timeout_s(load_config(None, []), "cpu") == 300
+    assert dist_timeout_s(load_config(None, ["train.dist_timeout=45"]), "cuda") == 45
+    with pytest.raises(UsageError, match="train.dist_timeout"):
+        dist_timeout_s(load_config(None, ["train.dist_timeout=-1"]), "cpu")
+
+
+def test_accelerate_with_an_fsdp_config_selects_the_fsdp_engine_and_its_sharding(monkeypatch):
+    from mycodist.config import load_config
+    from mycodist.errors import UsageError
+    from mycodist.train.engines import choose_engine
+    from mycodist.train.fsdp import fsdp_sharding
+
+    cfg = load_config(None, [])
+    for k, v in {"ACCELERATE_DYNAMO_BACKEND": "NO", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true",
+                 "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}.items():
+        monkeypatch.setenv(k, v)
+    assert choose_engine(cfg) == "fsdp" and fsdp_sharding(cfg) == "shard_grad_op"
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    assert fsdp_sharding(cfg) == "full_shard"
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UsageError, match="fsdp_version 1"):
+        fsdp_sharding(cfg)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert choose_engine(cfg) == "accelerate"
+    assert fsdp_sharding(load_config(None, ["train.fsdp_sharding=shard_grad_op"])) == "shard_grad_op"
+    with pytest.raises(UsageError, match="fsdp_sharding"):
+        fsdp_sharding(load_config(None, ["train.fsdp_sharding=hybrid"]))
