@@ -14,8 +14,10 @@ from pathlib import Path
 from train_util import REPO, TINY
 
 SCRIPT = str(REPO / "launch" / "train.py")
-# OMP: the launchers leave it unset for multi-node (each rank would take every core)
+# OMP: the launchers leave it unset for multi-node (each rank would take every core); GLOO_SOCKET_IFNAME: the
+# ranks' own connections stay on loopback too, not only the rendezvous
 BASE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu",
+            "GLOO_SOCKET_IFNAME": "lo",
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 

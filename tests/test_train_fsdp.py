@@ -23,7 +23,7 @@ from mycodist.profile import theory_bytes_per_step
 from mycodist.train.cli import free_port
 
 pytestmark = pytest.mark.slow
-FSDP = ("train.engine=fsdp", "train.epochs=3", "train.ckpt_every=3")
+FSDP = ("train.engine=fsdp", "train.epochs=2", "train.ckpt_every=3")
 PROFILE = ("profile.enabled=true", "profile.start=2", "profile.every=100", "profile.steps=2")
 
 
@@ -66,10 +66,10 @@ def assert_bytes_match(run: Path, theory: dict) -> None:
 def test_fsdp_full_shard_trains_together_exports_and_measures_its_bytes(full_shard_run):
     run = full_shard_run
     report = json.loads((run / "ranks" / "rank0.json").read_text())
-    assert report["engine"] == "fsdp" and report["steps"] == 12
+    assert report["engine"] == "fsdp" and report["steps"] == 8
     assert_trained_together(run)
     losses = train_losses(run)
-    assert (losses[11] + losses[12]) / 2 < 0.8 * losses[1], losses
+    assert (losses[7] + losses[8]) / 2 < 0.8 * losses[1], losses
     last = sorted((run / "ckpt").glob("step-*"))[-1]
     for part in ("model", "optim"):  # sharded: one file per rank
         assert sorted(p.name for p in (last / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -118,7 +118,8 @@ def test_fsdp_resume_after_kill_matches_uninterrupted(shards, full_shard_run, tm
     assert "resumed from" in resumed.stdout
     assert_trained_together(run)
     ours, reference = train_losses(run), train_losses(full_shard_run)
-    for s in range(4, 13):
+    assert sorted(reference) == list(range(1, 9))
+    for s in range(4, 9):
         assert ours[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-6), (s, ours[s], reference[s])
 
 
