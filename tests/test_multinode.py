@@ -81,25 +81,6 @@ def test_stalled_peer_gives_one_clear_line_and_a_relaunch_resumes(shards, refere
     assert_same_losses_after(run, reference, at)
 
 
-def test_elastic_restart_resumes_by_itself(shards, reference, tmp_path):
-    """torchrun --max-restarts 1 with the c10d rendezvous: a worker killed mid-run is restarted, both nodes
-    re-form the group, and the new workers continue from the last complete checkpoint."""
-    run = tmp_path / "run"
-    port = free_port()
-    extra = ("--max_restarts", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "mn")
-    nodes = Nodes("torchrun", shards, run, *RUN, port=port, log_dir=tmp_path / "logs", extra=extra)
-    try:
-        wait_for(run / "ckpt" / "step-00000003" / "meta.json", nodes)
-        os.kill(nodes.worker_pid(1), signal.SIGKILL)
-        rcs = nodes.wait(timeout=300)
-    finally:
-        nodes.kill()
-    assert rcs == [0, 0], f"{rcs}\n{nodes.out(0)[-4000:]}\n{nodes.out(1)[-4000:]}"
-    assert resumed_step(nodes.out(0)) >= 3
-    assert_trained_together(run)
-    assert_same_losses_after(run, reference, resumed_step(nodes.out(0)))
-
-
 def test_accelerate_two_machines_flags_then_resume_through_2nodes_yaml(shards, tmp_path):
     run = tmp_path / "run"
     run_nodes("accelerate", shards, run, "train.epochs=1", "train.export=false", port=free_port())
