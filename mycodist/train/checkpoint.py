@@ -150,7 +150,9 @@ class Checkpointer:
         from omegaconf import OmegaConf
 
         t, e = self.t, self.t.engine
-        path = resolve_resume(str(t.cfg.train.resume), t.run_dir)
+        from mycodist.train.consensus import agree_on_resume
+
+        path = agree_on_resume(e, str(t.cfg.train.resume), t.run_dir)  # rank 0 decides, every rank loads it
         if path is None:
             return None
         meta = read_meta(path)
@@ -200,6 +202,10 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_root), tag=tag)
+    elif meta["engine"] == "fsdp":
+        from mycodist.train.fsdp import consolidated_fsdp_weights
+
+        sd = consolidated_fsdp_weights(ckpt)
     else:
         from safetensors.torch import load_file
 

@@ -50,8 +50,10 @@ def pick_launcher(cfg: DictConfig) -> str:
 
 
 def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_args: list[str],
-                   launcher: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """The argv and the extra environment that start `nproc` ranks of launch/train.py."""
+                   launcher: str | None = None, nnodes: int = 1, node_rank: int = 0,
+                   master_addr: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+    """The argv and the extra environment that start `nproc` ranks of launch/train.py on this node; with
+    `nnodes` > 1 it is node `node_rank`'s command (run one per node, rendezvous at `master_addr`)."""
     launcher = launcher or pick_launcher(cfg)
     if launcher not in LAUNCHERS:
         raise UsageError(f"--launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
@@ -63,17 +65,22 @@ def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_arg
     if launcher == "torchrun":
         if cpu:
             env.update(ACCELERATE_USE_CPU="true", DS_ACCELERATOR="cpu")
-        argv = [py, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        argv = [py, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc)]
+        argv += ["--node_rank", str(node_rank)] if nnodes > 1 else []
+        argv += ["--master_addr", master_addr, "--master_port", str(port)]
     elif launcher == "deepspeed":
         if cpu:
             env["DS_ACCELERATOR"] = "cpu"
         argv = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port)]
+        if nnodes > 1:  # no ssh: the same command on every node, its rank given (hostfile: `host slots=N` lines)
+            argv = [py, "-m", "deepspeed.launcher.runner", "--hostfile", "hostfile", "--no_ssh", "--node_rank",
+                    str(node_rank), "--master_addr", master_addr, "--master_port", str(port)]
         script_args = [*script_args, "train.engine=deepspeed"] if cfg.train.engine == "auto" else script_args
     else:
-        argv = [py, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
-                "--mixed_precision", "no" if precision == "fp32" else precision, "--dynamo_backend", "no",
+        argv = [py, "-m", "accelerate.commands.launch", "--num_processes", str(nproc * nnodes), "--num_machines",
+                str(nnodes), "--mixed_precision", "no" if precision == "fp32" else precision, "--dynamo_backend", "no",
                 "--main_process_port", str(port)]
+        argv += ["--machine_rank", str(node_rank), "--main_process_ip", master_addr] if nnodes > 1 else []
         if cfg.train.deepspeed_config:  # accelerate reads the JSON itself; "auto" fields come from us
             argv += ["--use_deepspeed", "--deepspeed_config_file", str(cfg.train.deepspeed_config)]
             script_args = [*script_args, "train.engine=accelerate"]
@@ -86,7 +93,7 @@ def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_arg
         else:
             if cpu:
                 env["ACCELERATE_USE_CPU"] = "true"  # without it --multi_gpu starts N lone rank-0s
-            if nproc > 1:
+            if nproc * nnodes > 1:
                 argv.append("--multi_gpu")
             elif cpu:
                 argv.append("--cpu")
@@ -99,6 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=LAUNCHERS, default=None,
                         help="override the launcher chosen from train.engine / train.zero_stage")
     parser.add_argument("--print-command", action="store_true", help="print the launch command and exit")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="nodes of a multi-node run: the command is this node's (run it on each node)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1 (with --nnodes)")
+    parser.add_argument("--master-addr", default="127.0.0.1",
+                        help="address of node 0, where the ranks rendezvous (with --nnodes)")
 
 
 def main(args: argparse.Namespace, cfg: DictConfig) -> int:
@@ -110,9 +122,15 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
         nproc = gpus or 2
     if gpus and nproc > gpus:
         raise UsageError(f"--nproc {nproc} exceeds the {gpus} GPU(s) of this machine")
+    nnodes, node_rank = int(getattr(args, "nnodes", 1)), int(getattr(args, "node_rank", 0))
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UsageError(f"--nnodes {nnodes} --node-rank {node_rank}: need nnodes >= 1 and 0 <= node-rank < nnodes")
+    if nnodes > 1 and not int(cfg.train.master_port):
+        raise UsageError("a multi-node run needs the same port on every node: set train.master_port=PORT")
     port = int(cfg.train.master_port) or free_port()
     script_args = ([f"--config={args.config}"] if args.config else []) + list(args.overrides)
-    argv, env = launch_command(cfg, nproc, gpus, port, script_args, args.launcher)
+    argv, env = launch_command(cfg, nproc, gpus, port, script_args, args.launcher, nnodes, node_rank,
+                               getattr(args, "master_addr", "127.0.0.1"))
     shown = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(argv)
     print(f"launch: {shown.strip()}", flush=True)
     if args.print_command:

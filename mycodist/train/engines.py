@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,9 +24,10 @@ from omegaconf import DictConfig
 from mycodist.devices import set_local_cuda_device
 from mycodist.errors import UsageError
 from mycodist.train.checkpoint import MODEL_FILE
+from mycodist.train.watchdog import Watchdog, dist_timeout_s
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp")
+ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,7 +58,7 @@ def configured_engine(cfg: DictConfig) -> str:
     return "accelerate"
 
 
-LAUNCHER_OF = {"accelerate": "accelerate", "deepspeed": "deepspeed", "torchrun-ddp": "torchrun"}
+LAUNCHER_OF = {"accelerate": "accelerate", "deepspeed": "deepspeed", "torchrun-ddp": "torchrun", "fsdp": "torchrun"}
 
 
 def choose_engine(cfg: DictConfig) -> str:
@@ -66,7 +68,7 @@ def choose_engine(cfg: DictConfig) -> str:
         return configured
     by = launched_by()
     if by == "accelerate":
-        return "accelerate"
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "accelerate"
     if by == "deepspeed":
         return "deepspeed"
     return configured
@@ -141,6 +143,8 @@ class Engine:
         self.model: Any = None  # what forward is called on (wrapped)
         self.module: torch.nn.Module | None = None  # the bare module (its parameters may be ZeRO-3 partitions)
         self.optimizer: Any = None
+        # every engine's process group gets it (a stalled peer: docs/training.md, "Multi-node")
+        self.dist_timeout = dist_timeout_s(cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
     # --- process facts -------------------------------------------------------------
     rank = 0
@@ -156,6 +160,12 @@ class Engine:
     def input_dtype(self) -> torch.dtype:
         """DeepSpeed bf16/fp16 keeps the weights in low precision and does not autocast the inputs."""
         return torch.float32
+
+    @property
+    def forward_gathers(self) -> bool:
+        """Whether a forward issues collectives (ZeRO-3, FSDP weight all-gathers): evaluation then runs in
+        lockstep on every rank."""
+        return self.zero_stage == 3
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -194,6 +204,31 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
+    # --- waiting on the peers (the watchdog's record) ------------------------------------
+    @property
+    def watchdog(self) -> Watchdog:
+        wd = getattr(self, "_watchdog", None)
+        if wd is None:
+            wd = self._watchdog = Watchdog(getattr(self, "dist_timeout", 300.0), self.rank)
+        return wd
+
+    def waiting(self, what: str) -> contextlib.AbstractContextManager:
+        """Brackets a wait on the peers: a stalled one becomes the watchdog's line (no-op without a group)."""
+        if dist.is_available() and dist.is_initialized():
+            return self.watchdog.watch(what)
+        return contextlib.nullcontext()
+
+    def phase_waits_on(self, phase: str) -> str | None:
+        """What a step phase waits on the peers for; None when it has no collective. DDP all-reduces the
+        gradients inside backward (its forward and clipping are local)."""
+        return "backward (DDP gradient all-reduce)" if phase == "backward" else None
+
+    def watch_phase(self, phase: str, step: int) -> contextlib.AbstractContextManager:
+        """The step loop's record: `step` is the 0-based loop counter, shown 1-based like train_log.jsonl."""
+        self.watchdog.step = step + 1
+        what = self.phase_waits_on(phase)
+        return self.waiting(what) if what else contextlib.nullcontext()
+
     # --- collectives -----------------------------------------------------------------
     # Rule: a collective's tensor lives on the engine's device (NCCL rejects CPU tensors), and a collective is
     # issued whenever a process group exists, also at world size 1, so a one-GPU run exercises the same path.
@@ -205,20 +240,33 @@ class Engine:
 
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            with self.waiting(f"barrier from {_caller()}"):
+                dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        self.check_on_device(t, _caller())
+        caller = _caller()
+        self.check_on_device(t, caller)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t)
+            with self.waiting(f"all_reduce from {caller}"):
+                dist.all_reduce(t)
         return t
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if dist.is_available() and dist.is_initialized():
             out: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(out, obj)  # pickles through tensors on the current CUDA device (NCCL) itself
+            with self.waiting(f"all_gather_object from {_caller()}"):
+                dist.all_gather_object(out, obj)  # pickles through tensors on the current CUDA device (NCCL) itself
             return out
         return [obj]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` on every rank (one decision shared by all, e.g. which checkpoint to load)."""
+        if dist.is_available() and dist.is_initialized():
+            box = [obj if self.rank == src else None]
+            with self.waiting(f"broadcast_object from {_caller()}"):
+                dist.broadcast_object_list(box, src=src)  # like all_gather_object: the current CUDA device (NCCL)
+            return box[0]
+        return obj
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[None]:
@@ -278,6 +326,14 @@ def _deepspeed_comm_profile(ds_engine: Any) -> dict[str, Any]:
             "max_reuse_distance": int(ds_engine.zero_max_reuse_distance()) if stage == 3 else 0, "ddp": None}
 
 
+def _zero_phase_waits_on(stage: int, phase: str) -> str | None:
+    """DeepSpeed's collectives per step phase: ZeRO-3 gathers weights in forward and backward; every stage
+    reduces gradients in backward; the optimizer step all-reduces the grad norm (and gathers ZeRO-1/2 weights)."""
+    return {"forward": "forward (ZeRO-3 parameter all-gather)" if stage == 3 else None,
+            "backward": f"backward (ZeRO-{stage} gradient reduction)",
+            "step": f"optimizer step (ZeRO-{stage} grad-norm all-reduce / parameter all-gather)"}.get(phase)
+
+
 def compile_in_place(module: torch.nn.Module) -> None:
     """Compile each transformer block (or the whole module when it has no `blocks`) in place."""
     blocks = getattr(module, "blocks", None)
@@ -330,7 +386,8 @@ class TorchDDPEngine(Engine):
         # run then issues the same NCCL collectives as an 8-GPU one (and fails the same way if one is wrong)
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "MASTER_ADDR" in os.environ
         if launched and not dist.is_initialized():
-            dist.init_process_group(_backend(self.device), device_id=self.device if self.device.type == "cuda" else None)
+            dist.init_process_group(_backend(self.device), device_id=self.device if self.device.type == "cuda" else None,
+                                    timeout=timedelta(seconds=self.dist_timeout))
         if dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         check_world(self.world_size)
@@ -421,7 +478,12 @@ class AccelerateEngine(Engine):
             _skip_shm_op()
         elif cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # else N lone rank-0s (trap 2)
-        kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
+        # train.dist_timeout for the group accelerate will make: on CUDA when a launcher set LOCAL_RANK, on CPU with
+        # several ranks. Never for a lone process: accelerate refuses a backend it would not pick itself
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        launched = world > 1 if cpu else "LOCAL_RANK" in os.environ
+        kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
+                                         timeout=timedelta(seconds=self.dist_timeout))] if launched else []
         self.accelerator = Accelerator(
             mixed_precision="no" if self.precision == "fp32" else self.precision,
             gradient_accumulation_steps=self.grad_accum,
@@ -450,6 +512,9 @@ class AccelerateEngine(Engine):
     @property
     def input_dtype(self) -> torch.dtype:
         return DTYPES[self.precision] if self.uses_deepspeed else torch.float32
+
+    def phase_waits_on(self, phase: str) -> str | None:
+        return _zero_phase_waits_on(self.zero_stage, phase) if self.uses_deepspeed else super().phase_waits_on(phase)
 
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
         offload = self.uses_deepspeed and optimizer_offloaded(self.accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -574,7 +639,7 @@ class DeepSpeedEngine(Engine):
 
         _skip_shm_op()
         self.device, self.local_rank = _pick_device()
-        deepspeed.init_distributed(dist_backend=_backend(self.device))
+        deepspeed.init_distributed(dist_backend=_backend(self.device), timeout=timedelta(seconds=self.dist_timeout))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         check_world(self.world_size)
         self.precision = template_precision(cfg, self.device.type)
@@ -585,6 +650,9 @@ class DeepSpeedEngine(Engine):
     @property
     def input_dtype(self) -> torch.dtype:
         return DTYPES[self.precision]
+
+    def phase_waits_on(self, phase: str) -> str | None:
+        return _zero_phase_waits_on(self.zero_stage, phase)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the weights themselves are in the training dtype
@@ -626,5 +694,9 @@ class DeepSpeedEngine(Engine):
 
 def make_engine(cfg: DictConfig) -> Engine:
     name = choose_engine(cfg)
+    if name == "fsdp":
+        from mycodist.train.fsdp import FSDPEngine
+
+        return FSDPEngine(cfg)
     cls = {"accelerate": AccelerateEngine, "deepspeed": DeepSpeedEngine, "torchrun-ddp": TorchDDPEngine}[name]
     return cls(cfg)

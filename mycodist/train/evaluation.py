@@ -79,7 +79,7 @@ class Evaluator:
     def __call__(self, final: bool = False) -> dict[str, Any]:
         t, e = self.t, self.t.engine
         e.model.eval()
-        lockstep = e.zero_stage == 3  # ZeRO-3 forwards gather weights: call the engine, in step on all ranks
+        lockstep = e.forward_gathers  # ZeRO-3/FSDP forwards gather weights: call the engine, in step on all ranks
         forward = e.model if lockstep else e.module  # else the bare module: no wrapper collectives at all
         forward.eval()
         results = {"model": self.predict_split(forward, lockstep=lockstep)}

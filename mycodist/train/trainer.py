@@ -32,6 +32,7 @@ from mycodist.catalog import CLASS_INDICES, SPECIES, save_class_indices, save_sp
 from mycodist.config import save_config
 from mycodist.errors import UsageError
 from mycodist.train.checkpoint import Checkpointer, complete_checkpoints
+from mycodist.train.consensus import check_shared_filesystem
 from mycodist.train.ema import WeightEma
 from mycodist.train.engines import Engine, make_engine
 from mycodist.train.evaluation import Evaluator
@@ -82,6 +83,7 @@ class Trainer:
         self.num_classes = len(self.labels)
         if self.spec.num_train == 0:
             raise UsageError(f"data.shards={cfg.data.shards!r} has no training samples")
+        check_shared_filesystem(e, self.run_dir, self.spec)  # every rank sees rank 0's run folder and shards
 
         seed_all(int(cfg.seed))  # same init on every rank
         self.vit_config = model_config(cfg.model, self.num_classes)
@@ -151,7 +153,7 @@ class Trainer:
     def phase(self, name: str) -> Iterator[None]:
         """One timed phase of the step: the loop's clock, and the collective profiler's phase."""
         self.clock.mark(name)
-        with self.profiler.phase(name if name != "step" else "optimizer"):
+        with self.profiler.phase(name if name != "step" else "optimizer"), self.engine.watch_phase(name, self.step):
             yield
 
     # --- the step loop ---------------------------------------------------------------------------------
@@ -248,7 +250,7 @@ class Trainer:
         with e.full_parameters():
             for name, p in e.module.named_parameters():
                 h.update(name.encode())
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+                h.update(p.detach().float().cpu().contiguous().clone().numpy().tobytes())  # FSDP re-shards after
         return h.hexdigest()
 
     def write_rank_report(self, wall_s: float) -> dict[str, Any]:
