@@ -240,6 +240,8 @@ def test_compile_keeps_plain_names_for_groups_ema_and_engine(shards, tmp_path):
                        "train.ema_decay=0.99", "train.layer_decay=0.75", "train.max_steps=1")
     try:
         module = trainer.engine.module
+        assert isinstance(trainer.engine.settings, engines.EngineSettings) and not hasattr(trainer.engine, "cfg")
+        assert trainer.engine.settings.ema_decay == 0.99  # settings built at the edge, not the whole config
         names = list(module.state_dict())
         assert not any("_orig_mod" in n or n.startswith("module.") for n in names)
         assert list(trainer.ema.state_dict()) == names

@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,44 @@ ENGINES = ("auto", "accelerate", "deepspeed", "torchrun-ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """The `train` keys an engine reads, built once at the edge (`make_engine`): engines never see the whole
+    config. Field names are the keys' own, so `train.<key>` and `settings.<key>` mean the same thing."""
+
+    engine: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.05
+    zero_stage: int = 0
+    offload: str = "none"
+    deepspeed_config: str = ""
+    ema_decay: float = 0.0
+    fsdp_sharding: str = "full_shard"
+    dist_timeout: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> EngineSettings:
+        t = cfg.train
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            value = t.get(f.name, f.default)
+            kw[f.name] = tuple(float(x) for x in value) if f.name == "betas" else value
+        return cls(**kw)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+def as_settings(cfg: DictConfig | EngineSettings) -> EngineSettings:
+    """A whole config (tests, scripts) or settings already built → the engine's settings."""
+    return cfg if isinstance(cfg, EngineSettings) else EngineSettings.from_config(cfg)
+
+
 def launched_by() -> str:
     """Which launcher started this process, from the environment each one sets."""
     if any(k.startswith("ACCELERATE_") for k in os.environ) and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
@@ -44,16 +83,17 @@ def launched_by() -> str:
     return "none"
 
 
-def configured_engine(cfg: DictConfig) -> str:
+def configured_engine(cfg: DictConfig | EngineSettings) -> str:
     """The engine the config asks for: `train.engine`, or for `auto` DeepSpeed when ZeRO or a DeepSpeed
     template is asked for, else Accelerate. The one rule: `mycodist train` picks its launcher from it
     (LAUNCHER_OF) and every rank falls back on it when no launcher says otherwise (`choose_engine`)."""
-    engine = cfg.train.engine
+    s = as_settings(cfg)
+    engine = s.engine
     if engine not in ENGINES:
         raise UsageError(f"train.engine={engine!r} is not one of {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
-    if cfg.train.zero_stage > 0 or cfg.train.deepspeed_config:
+    if s.zero_stage > 0 or s.deepspeed_config:
         return "deepspeed"
     return "accelerate"
 
@@ -61,10 +101,11 @@ def configured_engine(cfg: DictConfig) -> str:
 LAUNCHER_OF = {"accelerate": "accelerate", "deepspeed": "deepspeed", "torchrun-ddp": "torchrun", "fsdp": "torchrun"}
 
 
-def choose_engine(cfg: DictConfig) -> str:
+def choose_engine(cfg: DictConfig | EngineSettings) -> str:
     """`train.engine=auto` on a rank: follow the launcher that started it, else the configured engine."""
+    s = as_settings(cfg)
     configured = configured_engine(cfg)
-    if cfg.train.engine != "auto":
+    if s.engine != "auto":
         return configured
     by = launched_by()
     if by == "accelerate":
@@ -100,9 +141,10 @@ def resolve_precision(requested: str, device_type: str, launcher: str | None = N
     return requested
 
 
-def check_precision(cfg: DictConfig) -> str:
+def check_precision(cfg: DictConfig | EngineSettings) -> str:
     """The run's precision, resolved for the device this process will train on."""
-    return resolve_precision(str(cfg.train.precision), "cuda" if torch.cuda.is_available() else "cpu")
+    s = as_settings(cfg)
+    return resolve_precision(str(s.precision), "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -134,17 +176,17 @@ class Engine:
 
     name = "base"
 
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-        self.precision = check_precision(cfg)  # subclasses may follow their launcher's setting
-        self.grad_accum = max(1, int(cfg.train.grad_accum))
-        self.clip_grad = float(cfg.train.clip_grad)
+    def __init__(self, cfg: EngineSettings | DictConfig) -> None:
+        self.settings = s = as_settings(cfg)
+        self.precision = check_precision(s)  # subclasses may follow their launcher's setting
+        self.grad_accum = max(1, int(s.grad_accum))
+        self.clip_grad = float(s.clip_grad)
         self.zero_stage = 0
         self.model: Any = None  # what forward is called on (wrapped)
         self.module: torch.nn.Module | None = None  # the bare module (its parameters may be ZeRO-3 partitions)
         self.optimizer: Any = None
         # every engine's process group gets it (a stalled peer: docs/training.md, "Multi-node")
-        self.dist_timeout = dist_timeout_s(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+        self.dist_timeout = dist_timeout_s(s, "cuda" if torch.cuda.is_available() else "cpu")
 
     # --- process facts -------------------------------------------------------------
     rank = 0
@@ -341,12 +383,13 @@ def compile_in_place(module: torch.nn.Module) -> None:
         m.compile()
 
 
-def make_optimizer(cfg: DictConfig, param_groups: list[dict], cpu_offload: bool = False,
+def make_optimizer(cfg: DictConfig | EngineSettings, param_groups: list[dict], cpu_offload: bool = False,
                    device_type: str = "cpu") -> torch.optim.Optimizer:
     """AdamW over our groups. With ZeRO optimizer offload on CUDA the step runs on the host: DeepSpeed's
     vectorised CPU Adam there (torch AdamW on the CPU is several times slower); on a CPU-only machine
     torch AdamW avoids compiling DeepSpeed's op (~35 s, 2 GB) for no gain."""
-    kw = dict(lr=float(cfg.train.lr), betas=tuple(cfg.train.betas), weight_decay=float(cfg.train.weight_decay))
+    s = as_settings(cfg)
+    kw = dict(lr=float(s.lr), betas=tuple(s.betas), weight_decay=float(s.weight_decay))
     if cpu_offload and device_type == "cuda":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -379,7 +422,7 @@ class TorchDDPEngine(Engine):
 
     name = "torchrun-ddp"
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: EngineSettings | DictConfig) -> None:
         super().__init__(cfg)
         self.device, self.local_rank = _pick_device()
         # under a launcher (MASTER_ADDR set) the group exists at any world size, one rank included: a one-GPU
@@ -396,7 +439,7 @@ class TorchDDPEngine(Engine):
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
         model.to(self.device)
         self.module = model
-        self.optimizer = make_optimizer(self.cfg, param_groups)
+        self.optimizer = make_optimizer(self.settings, param_groups)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -461,13 +504,14 @@ class AccelerateEngine(Engine):
 
     name = "accelerate"
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: EngineSettings | DictConfig) -> None:
         super().__init__(cfg)
+        s = self.settings
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
         cpu = not torch.cuda.is_available()
-        self.precision = resolve_precision(str(cfg.train.precision), "cpu" if cpu else "cuda",
+        self.precision = resolve_precision(str(s.precision), "cpu" if cpu else "cuda",
                                            os.environ.get("ACCELERATE_MIXED_PRECISION"), "accelerate's mixed_precision")
         self.uses_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         if self.uses_deepspeed:
@@ -498,9 +542,9 @@ class AccelerateEngine(Engine):
             plugin = acc.state.deepspeed_plugin
             ds = plugin.deepspeed_config
             self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-            ds["train_micro_batch_size_per_gpu"] = int(cfg.train.batch_size)
+            ds["train_micro_batch_size_per_gpu"] = int(s.batch_size)
             ds["gradient_accumulation_steps"] = self.grad_accum
-            ds["train_batch_size"] = int(cfg.train.batch_size) * self.grad_accum * self.world_size
+            ds["train_batch_size"] = int(s.batch_size) * self.grad_accum * self.world_size
             pinned = ds.get("gradient_clipping", "auto")
             if pinned not in ("auto", None) and float(pinned) != self.clip_grad:
                 warnings.warn(f"accelerate's DeepSpeed config pins gradient_clipping={pinned}; train.clip_grad="
@@ -518,7 +562,7 @@ class AccelerateEngine(Engine):
 
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
         offload = self.uses_deepspeed and optimizer_offloaded(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        optimizer = make_optimizer(self.cfg, param_groups, offload, self.device.type)
+        optimizer = make_optimizer(self.settings, param_groups, offload, self.device.type)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.module = self.accelerator.unwrap_model(self.model)
 
@@ -570,8 +614,9 @@ class AccelerateEngine(Engine):
             dist.destroy_process_group()
 
 
-def _read_template(cfg: DictConfig) -> dict:
-    path = Path(cfg.train.deepspeed_config)
+def _read_template(cfg: DictConfig | EngineSettings) -> dict:
+    s = as_settings(cfg)
+    path = Path(s.deepspeed_config)
     if not path.is_file():
         raise UsageError(f"train.deepspeed_config: no such file '{path}' (see configs/deepspeed/)")
     try:
@@ -580,22 +625,24 @@ def _read_template(cfg: DictConfig) -> dict:
         raise UsageError(f"train.deepspeed_config '{path}' is not valid JSON: {e}") from None
 
 
-def template_precision(cfg: DictConfig, device_type: str) -> str:
+def template_precision(cfg: DictConfig | EngineSettings, device_type: str) -> str:
     """The run's precision under a DeepSpeed template: an explicit bf16/fp16 `enabled` in the template is the
     launcher's setting (followed by `auto`, overruled with a warning by an explicit train.precision)."""
+    s = as_settings(cfg)
     theirs = None
-    if cfg.train.deepspeed_config:
+    if s.deepspeed_config:
         ds = _read_template(cfg)
         flags = {name: ds.get(name, {}).get("enabled", "auto") for name in ("bf16", "fp16")}
         if any(v not in ("auto", None) for v in flags.values()):
             theirs = next((name for name, v in flags.items() if v is True), "fp32")
-    return resolve_precision(str(cfg.train.precision), device_type, theirs, f"{cfg.train.deepspeed_config}")
+    return resolve_precision(str(s.precision), device_type, theirs, f"{s.deepspeed_config}")
 
 
-def deepspeed_config(cfg: DictConfig, world_size: int, precision: str | None = None) -> dict:
+def deepspeed_config(cfg: DictConfig | EngineSettings, world_size: int, precision: str | None = None) -> dict:
     """Our keys → a DeepSpeed config; a template (train.deepspeed_config) may fix anything, "auto" fields
     in it are filled from ours so the two never disagree silently."""
-    t = cfg.train
+    s = as_settings(cfg)
+    t = s
     precision = precision or check_precision(cfg)
     ds: dict[str, Any] = _read_template(cfg) if t.deepspeed_config else {}
     if t.offload not in ("none", "cpu"):
@@ -633,7 +680,7 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: EngineSettings | DictConfig) -> None:
         super().__init__(cfg)
         import deepspeed
 
@@ -660,7 +707,7 @@ class DeepSpeedEngine(Engine):
     def prepare(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
         import deepspeed
 
-        optimizer = make_optimizer(self.cfg, param_groups, optimizer_offloaded(self.ds_config), self.device.type)
+        optimizer = make_optimizer(self.settings, param_groups, optimizer_offloaded(self.ds_config), self.device.type)
         # device_rank: DeepSpeed would otherwise pick cuda:LOCAL_RANK, wrong with one GPU per task
         args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
         self.model, self.optimizer, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
@@ -693,10 +740,12 @@ class DeepSpeedEngine(Engine):
 
 
 def make_engine(cfg: DictConfig) -> Engine:
-    name = choose_engine(cfg)
+    """The run's engine, handed only its settings (the `train` group), never the whole config."""
+    settings = EngineSettings.from_config(cfg)
+    name = choose_engine(settings)
     if name == "fsdp":
         from mycodist.train.fsdp import FSDPEngine
 
-        return FSDPEngine(cfg)
+        return FSDPEngine(settings)
     cls = {"accelerate": AccelerateEngine, "deepspeed": DeepSpeedEngine, "torchrun-ddp": TorchDDPEngine}[name]
-    return cls(cfg)
+    return cls(settings)

@@ -27,13 +27,21 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
-from mycodist.train.engines import Engine, _backend, _pick_device, check_world, make_optimizer, resolve_precision
+from mycodist.train.engines import (
+    Engine,
+    EngineSettings,
+    _backend,
+    _pick_device,
+    check_world,
+    make_optimizer,
+    resolve_precision,
+)
 
 SHARDINGS = ("full_shard", "shard_grad_op")
 MODEL_DIR, OPTIM_DIR = "model", "optim"
 
 
-def fsdp_sharding(cfg: DictConfig) -> str:
+def fsdp_sharding(cfg: DictConfig | EngineSettings) -> str:
     """accelerate's FSDP config when it launched us (FSDP_RESHARD_AFTER_FORWARD), else `train.fsdp_sharding`."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         version = os.environ.get("FSDP_VERSION", "1")
@@ -42,7 +50,8 @@ def fsdp_sharding(cfg: DictConfig) -> str:
                              "(set fsdp_version: 2, see configs/accelerate/8gpu_fsdp.yaml)")
         reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
         return "shard_grad_op" if reshard in ("false", "0", "shard_grad_op") else "full_shard"
-    sharding = str(cfg.train.get("fsdp_sharding", "full_shard"))
+    group = cfg.train if hasattr(cfg, "train") else cfg  # a whole config, or the engine's settings
+    sharding = str(group.get("fsdp_sharding", "full_shard"))
     if sharding not in SHARDINGS:
         raise UsageError(f"train.fsdp_sharding={sharding!r} is not one of {', '.join(SHARDINGS)}")
     return sharding
@@ -60,15 +69,15 @@ class FSDPEngine(Engine):
 
     name = "fsdp"
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: EngineSettings | DictConfig) -> None:
         super().__init__(cfg)
         self.device, self.local_rank = _pick_device()
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        self.precision = resolve_precision(str(cfg.train.precision), self.device.type, launcher,
+        self.precision = resolve_precision(str(self.settings.precision), self.device.type, launcher,
                                            "accelerate's mixed_precision")
         if self.precision == "fp16":
             raise UsageError("train.precision=fp16 is not supported with FSDP2 here; use bf16 (or fp32)")
-        if float(cfg.train.ema_decay) > 0:
+        if float(self.settings.ema_decay) > 0:
             raise UsageError("train.ema_decay > 0 with FSDP: the EMA needs whole weights on each rank; turn it off")
         self.sharding = fsdp_sharding(cfg)
         if not dist.is_initialized():
@@ -95,7 +104,7 @@ class FSDPEngine(Engine):
         sharded = dict(model.named_parameters())  # fully_shard swapped in DTensor parameters: regroup by name
         groups = [{**g, "params": [sharded[n] for n in ns]} for g, ns in zip(param_groups, group_names, strict=True)]
         self.model = self.module = model
-        self.optimizer = make_optimizer(self.cfg, groups)
+        self.optimizer = make_optimizer(self.settings, groups)
 
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
         self.model.set_requires_gradient_sync(is_last)  # no reduce-scatter before the last micro-batch

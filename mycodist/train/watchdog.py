@@ -19,8 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-
-from omegaconf import DictConfig
+from typing import Any
 
 from mycodist.errors import UsageError
 
@@ -29,9 +28,10 @@ DEFAULT_TIMEOUT_S = {"cuda": 600.0, "cpu": 300.0}
 PREFIX = "mycodist watchdog:"
 
 
-def dist_timeout_s(cfg: DictConfig, device_type: str) -> float:
+def dist_timeout_s(cfg: Any, device_type: str) -> float:
     """`train.dist_timeout` in seconds; 0 = the default for the device (600 on CUDA, 300 on CPU)."""
-    value = float(cfg.train.get("dist_timeout", 0) or 0)
+    group = cfg.train if hasattr(cfg, "train") else cfg  # a whole config, or the engine's settings
+    value = float(group.get("dist_timeout", 0) or 0)
     if value < 0:
         raise UsageError(f"train.dist_timeout={value} must be >= 0 seconds (0 = 600 on CUDA, 300 on CPU)")
     return value or DEFAULT_TIMEOUT_S.get(device_type, DEFAULT_TIMEOUT_S["cpu"])
