@@ -25,7 +25,7 @@ TOKEN_WAIT_S = 10.0  # how long a rank may wait for rank 0's token to show up (N
 
 def shards_fingerprint(spec: Any) -> list[tuple[str, int, int]]:
     """Shard URL, sample count and (local files) byte size: equal on every rank iff they read the same data."""
-    from mycodist.data.sources import is_local, local_path
+    from mycodist.data.urls import is_local, local_path
 
     out = []
     for s in [*spec.train_shards, *spec.val_shards]:
