@@ -64,13 +64,14 @@ class Nodes:
         return [p.returncode for p in self.procs]
 
     def kill(self) -> None:
+        """End every process of every node, also a (SIGSTOPped) worker whose launcher has already exited: the
+        process group outlives its leader, so kill the group whether or not the launcher is still there."""
         for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)  # SIGKILL also ends a SIGSTOPped worker
-                except ProcessLookupError:
-                    pass
-                p.wait()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # SIGKILL also ends a SIGSTOPped worker
+            except ProcessLookupError:
+                pass
+            p.wait()
 
     def worker_pid(self, r: int) -> int:
         """The rank process of node r (the child running launch/train.py, not a launcher)."""

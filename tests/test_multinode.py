@@ -59,14 +59,21 @@ def resumed_step(out: str) -> int:
 def test_stalled_peer_gives_one_clear_line_and_a_relaunch_resumes(shards, reference, tmp_path):
     run = tmp_path / "run"
     nodes = Nodes("torchrun", shards, run, *RUN, "train.dist_timeout=30", port=free_port(), log_dir=tmp_path / "logs")
+    hung = None
     try:
         wait_for(run / "ckpt" / "step-00000003" / "meta.json", nodes)
-        os.kill(nodes.worker_pid(1), signal.SIGSTOP)  # node 1 hangs without closing its sockets
+        hung = nodes.worker_pid(1)
+        os.kill(hung, signal.SIGSTOP)  # node 1 hangs without closing its sockets
         stopped = time.time()
         rc0 = nodes.procs[0].wait(timeout=90)
         waited = time.time() - stopped
     finally:
         nodes.kill()
+        if hung is not None:  # torchrun runs its workers in their own sessions: the launcher's group misses it
+            try:
+                os.kill(hung, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     out = nodes.out(0)
     assert rc0 != 0, out[-3000:]
     lines = WATCHDOG_LINE.findall(out)
