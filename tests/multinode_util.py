@@ -14,6 +14,23 @@ from pathlib import Path
 from train_util import REPO, TINY
 
 SCRIPT = str(REPO / "launch" / "train.py")
+LAUNCHERS = ("torch.distributed.run", "accelerate", "deepspeed.launcher")
+
+
+def rank_pids(pid: int) -> list[int]:
+    """The processes under `pid` running launch/train.py themselves (the ranks, not a launcher)."""
+    found, todo = [], [pid]
+    while todo:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(todo.pop())], capture_output=True, text=True).stdout
+        for child in map(int, out.split()):
+            todo.append(child)
+            try:
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "launch/train.py" in cmd and not any(x in cmd for x in LAUNCHERS):
+                found.append(child)
+    return found
 # OMP: the launchers leave it unset for multi-node (each rank would take every core); GLOO_SOCKET_IFNAME: the
 # ranks' own connections stay on loopback too, not only the rendezvous
 BASE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu",
@@ -75,18 +92,7 @@ class Nodes:
 
     def worker_pid(self, r: int) -> int:
         """The rank process of node r (the child running launch/train.py, not a launcher)."""
-        todo, found = [self.procs[r].pid], []
-        while todo:
-            pid = todo.pop()
-            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-            for child in map(int, out.split()):
-                todo.append(child)
-                try:
-                    cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    continue
-                if SCRIPT in cmd and not any(x in cmd for x in ("torch.distributed.run", "accelerate", "deepspeed.launcher")):
-                    found.append(child)
+        found = rank_pids(self.procs[r].pid)
         assert len(found) == 1, found
         return found[0]
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from multinode_util import rank_pids
 from train_util import REPO, TINY, assert_export_matches_live, assert_trained_together, make_shards, train, train_losses
 
 from mycodist.config import load_config
@@ -75,22 +76,6 @@ def test_fsdp_full_shard_trains_together_exports_and_measures_its_bytes(full_sha
         assert sorted(p.name for p in (last / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert_export_matches_live(run, atol=1e-4)
     assert_bytes_match(run, fsdp_theory(shard_grad_op=False))
-
-
-def rank_pids(pid: int) -> list[int]:
-    """The processes under `pid` running launch/train.py (not the torchrun agent)."""
-    found, todo = [], [pid]
-    while todo:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(todo.pop())], capture_output=True, text=True).stdout
-        for child in map(int, out.split()):
-            todo.append(child)
-            try:
-                cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "launch/train.py" in cmd and "torch.distributed.run" not in cmd:
-                found.append(child)
-    return found
 
 
 def test_fsdp_resume_after_kill_matches_uninterrupted(shards, full_shard_run, tmp_path):
