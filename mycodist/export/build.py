@@ -172,6 +172,7 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
     model = build_model(cfg.model, len(labels))
     model.load_state_dict(weights, strict=True)
     model.to(dev).eval()
+    model.resolve_attention(dev.type, torch.float32)  # once, for the export's fp32 forwards
     val_feats, logits, y = split_outputs(model, cfg, "val")
     calibration: dict[str, Any] = calibration_summary(logits, y) if len(y) else {"temperature": 1.0}
     calibration.update({"weights": which, "checkpoint": str(ckpt), "step": ck.read_meta(ckpt)["step"]})

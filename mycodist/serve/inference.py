@@ -218,6 +218,8 @@ def load_export(export_dir: str | Path, device: str = "cpu", builder: ModelBuild
         raise UsageError(f"'{d / MODEL_FILE}' does not fit model '{cfg.model.get('name')}' with "
                          f"{len(labels)} classes ({detail or e}); was it exported from this run's config?") from None
     model.eval().to(device)
+    if hasattr(model, "resolve_attention"):  # the kernel is chosen once, here, for this machine (fp32 forwards)
+        model.resolve_attention(torch.device(device).type, torch.float32)
     feature_rule = read_feature_ood(d, len(labels), ood_quantile)  # statistics stay on the CPU, in float64
     sha = file_sha256(d / MODEL_FILE)
     info = {"id": f"{cfg.model.get('name', 'model')}-{sha[:12]}", "name": str(cfg.model.get("name", "")),
