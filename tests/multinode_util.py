@@ -14,7 +14,7 @@ from pathlib import Path
 from train_util import REPO, TINY
 
 SCRIPT = str(REPO / "launch" / "train.py")
-LAUNCHERS = ("torch.distributed.run", "accelerate", "deepspeed.launcher")
+LAUNCHERS = ("torch.distributed.run", "accelerate.commands", "deepspeed.launcher")  # not "accelerate": train.engine=accelerate
 
 
 def rank_pids(pid: int) -> list[int]:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from multinode_util import Nodes, run_nodes, wait_for
-from train_util import assert_trained_together, make_shards, train_losses
+from multinode_util import BASE_ENV, Nodes, rank_pids, run_nodes, wait_for
+from train_util import REPO, TINY, assert_trained_together, make_shards, train_losses
 
 from mycodist.train.cli import free_port
 
@@ -141,3 +141,75 @@ def test_print_command_shows_the_per_node_command(tmp_path):
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert "--nnodes 2" in out and "--node_rank 1" in out and "--master_addr 10.1.2.3" in out, out
     assert "--nproc_per_node 4" in out and "--master_port 29400" in out, out
+
+
+def _kill_one_rank_after_a_checkpoint(run: Path, procs: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Once step 3's checkpoint is complete, kill -9 one rank (the launchers stay): a crashed worker."""
+    deadline = time.time() + 180
+    while not (run / "ckpt" / "step-00000003" / "meta.json").exists():
+        for p, log in zip(procs, logs, strict=True):
+            assert p.poll() is None, f"ended early (rc {p.returncode}):\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline, "no checkpoint at step 3"
+        time.sleep(0.02)
+    ranks = [pid for p in procs for pid in rank_pids(p.pid)]
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGKILL)
+
+
+def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> str:
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    outs = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}" for log in logs)
+    assert [p.returncode for p in procs] == [0] * len(procs), outs
+    return outs
+
+
+def test_max_restarts_one_node_a_killed_worker_restarts_and_resumes(shards, reference, tmp_path):
+    """`mycodist train --max-restarts 1` (torchrun, one agent, its shared store): a rank killed mid-run is
+    restarted by torchrun with its peer, the new group connects (the per-attempt store prefix), both resume
+    from the last complete checkpoint and log the losses of an uninterrupted run."""
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    argv = [sys.executable, "-m", "mycodist", "train", "--nproc", "2", "--launcher", "torchrun", "--max-restarts", "1",
+            f"data.shards={shards}", f"train.output_dir={run}", *TINY, "train.tb=false", *RUN]
+    with open(log, "w") as f:
+        procs = [subprocess.Popen(argv, cwd=REPO, env={**os.environ, **BASE_ENV}, stdout=f, stderr=subprocess.STDOUT,
+                                  start_new_session=True)]
+    _kill_one_rank_after_a_checkpoint(run, procs, [log])
+    out = _finish(procs, [log])
+    assert "--max-restarts 1" in out and "mycodist/attempt" not in out, out  # the prefix is internal
+    assert resumed_step(out) >= 3
+    assert_trained_together(run)
+    assert_same_losses_after(run, reference, resumed_step(out))
+
+
+def test_max_restarts_two_nodes_c10d_fresh_store_each_attempt(shards, reference, tmp_path):
+    """Two nodes from `mycodist train --nnodes 2 --max-restarts 1`'s per-node commands (c10d rendezvous,
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): node 1's worker is killed; both agents restart their workers
+    (node 0's without counting a restart of its own: the counts differ, which is why no per-attempt prefix
+    is used there) and the run resumes with the reference losses."""
+    from mycodist.config import load_config
+    from mycodist.train.cli import launch_command
+
+    run = tmp_path / "run"
+    script_args = [f"data.shards={shards}", f"train.output_dir={run}", *TINY, "train.tb=false", *RUN]
+    cfg, port = load_config(None, script_args), free_port()
+    procs, logs = [], [tmp_path / f"node{r}.log" for r in range(2)]
+    for r in range(2):
+        argv, env = launch_command(cfg, 1, 0, port, script_args, "torchrun", 2, r, "127.0.0.1", max_restarts=1)
+        assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1" and "c10d" in argv, argv
+        with open(logs[r], "w") as f:
+            procs.append(subprocess.Popen(argv, cwd=REPO, env={**os.environ, **BASE_ENV, **env, "OMP_NUM_THREADS": "1"},
+                                          stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+    _kill_one_rank_after_a_checkpoint(run, procs, logs)
+    out = _finish(procs, logs)
+    assert resumed_step(out) >= 3
+    assert_trained_together(run)
+    assert_same_losses_after(run, reference, resumed_step(out))

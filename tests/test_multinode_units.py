@@ -77,20 +77,25 @@ def test_an_error_that_is_not_a_timeout_passes_through():
             raise RuntimeError("Connection closed by peer")
 
 
-def test_slurm_script_starts_one_torchrun_per_node_rendezvousing_on_the_first(tmp_path):
+def slurm_lines(tmp_path: Path, **extra_env: str) -> list[str]:
     """srun and scontrol stand in for SLURM's (one task per node with its SLURM_NODEID); PYTHON=echo prints
     the command each node would run."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
     (bin_dir / "srun").write_text('#!/bin/bash\nshift\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64", "PYTHON": "echo"}
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64", "PYTHON": "echo", **extra_env}
     out = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "train.output_dir=/shared/r", "train.epochs=3"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == 2, out
+    return out
+
+
+def test_slurm_script_starts_one_torchrun_per_node_rendezvousing_on_the_first(tmp_path):
+    out = slurm_lines(tmp_path)
     for n, line in enumerate(out):
         assert line.startswith("-m torch.distributed.run --nnodes 2 --nproc_per_node 8 "), line
         assert f"--node_rank {n} --master_addr gpu-a --master_port 29500 launch/train.py" in line, line
@@ -129,3 +134,70 @@ def test_accelerate_with_an_fsdp_config_selects_the_fsdp_engine_and_its_sharding
     assert fsdp_sharding(load_config(None, ["train.fsdp_sharding=shard_grad_op"])) == "shard_grad_op"
     with pytest.raises(UsageError, match="fsdp_sharding"):
         fsdp_sharding(load_config(None, ["train.fsdp_sharding=hybrid"]))
+
+
+ELASTIC = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_RESTART_COUNT": "1",
+           "GROUP_WORLD_SIZE": "1"}
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, None),  # not under torchrun
+    ({**ELASTIC, "TORCHELASTIC_MAX_RESTARTS": "0"}, None),  # no restarts: torch's own set-up is right
+    ({**ELASTIC, "TORCHELASTIC_USE_AGENT_STORE": "False"}, None),  # a fresh store every attempt
+    (ELASTIC, "mycodist/attempt_1"),  # one agent, restarts, its store kept across attempts
+])
+def test_restart_prefix_only_where_the_agent_store_outlives_an_attempt(monkeypatch, env, expected):
+    from mycodist.train.elastic import restart_prefix
+
+    for k in ELASTIC:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert restart_prefix() == expected
+
+
+def test_restarts_on_several_nodes_with_a_shared_store_are_refused_with_the_fix(monkeypatch):
+    from mycodist.errors import UsageError
+    from mycodist.train.elastic import restart_prefix
+
+    for k, v in {**ELASTIC, "GROUP_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UsageError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        restart_prefix()
+
+
+def test_max_restarts_commands_per_launcher():
+    from mycodist.config import load_config
+    from mycodist.errors import UsageError
+    from mycodist.train.cli import launch_command
+
+    cfg = load_config(None, [])
+    one, env = launch_command(cfg, 2, 0, 29400, [], "torchrun", max_restarts=3)
+    assert "--max-restarts" in one and one[one.index("--max-restarts") + 1] == "3" and "--master_port" in one
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env  # one agent: the per-attempt prefix does it
+    two, env = launch_command(cfg, 1, 0, 29400, [], "torchrun", 2, 1, "10.0.0.1", max_restarts=1)
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert two[two.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400" and "--node_rank" not in two
+    acc, _ = launch_command(cfg, 2, 0, 29400, [], "accelerate", max_restarts=1)
+    assert acc[acc.index("--max_restarts") + 1] == "1"
+    with pytest.raises(UsageError, match="torchrun"):
+        launch_command(cfg, 2, 0, 29400, [], "deepspeed", max_restarts=1)
+    with pytest.raises(UsageError, match="torchrun"):
+        launch_command(cfg, 1, 0, 29400, [], "accelerate", 2, 0, "10.0.0.1", max_restarts=1)
+
+
+def test_max_restarts_cli_refuses_resume_none():
+    out = subprocess.run([sys.executable, "-m", "mycodist", "train", "--print-command", "--max-restarts", "1",
+                          "train.resume=none"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert out.returncode != 0 and "train.resume=auto" in out.stderr, out.stderr
+
+
+def test_slurm_script_with_restarts_uses_c10d_and_a_fresh_store(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "echo-env").write_text('#!/bin/sh\necho "store=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE $*"\n')
+    (tmp_path / "bin" / "echo-env").chmod(0o755)
+    out = slurm_lines(tmp_path, MAX_RESTARTS="2", SLURM_JOB_ID="77", PYTHON=str(tmp_path / "bin" / "echo-env"))
+    for line in out:
+        assert line.startswith("store=1 -m torch.distributed.run --nnodes 2 --nproc_per_node 8 "), line
+        assert "--rdzv-backend c10d --rdzv-endpoint gpu-a:29500 --rdzv-id 77 --max-restarts 2 launch/train.py" in line
+        assert "--node_rank" not in line and line.endswith("train.output_dir=/shared/r train.epochs=3"), line

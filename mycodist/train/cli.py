@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
+from mycodist.train.elastic import NO_SHARED_STORE
 from mycodist.train.engines import LAUNCHER_OF, configured_engine, resolve_precision
 
 LAUNCHERS = ("accelerate", "deepspeed", "torchrun")
@@ -51,9 +52,11 @@ def pick_launcher(cfg: DictConfig) -> str:
 
 def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_args: list[str],
                    launcher: str | None = None, nnodes: int = 1, node_rank: int = 0,
-                   master_addr: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+                   master_addr: str = "127.0.0.1", max_restarts: int = 0) -> tuple[list[str], dict[str, str]]:
     """The argv and the extra environment that start `nproc` ranks of launch/train.py on this node; with
-    `nnodes` > 1 it is node `node_rank`'s command (run one per node, rendezvous at `master_addr`)."""
+    `nnodes` > 1 it is node `node_rank`'s command (run one per node, rendezvous at `master_addr`). With
+    `max_restarts` the launcher restarts failed workers, which resume from the last checkpoint; several nodes
+    then rendezvous through c10d with a fresh store per attempt (mycodist/train/elastic.py says why)."""
     launcher = launcher or pick_launcher(cfg)
     if launcher not in LAUNCHERS:
         raise UsageError(f"--launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
@@ -66,9 +69,17 @@ def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_arg
         if cpu:
             env.update(ACCELERATE_USE_CPU="true", DS_ACCELERATOR="cpu")
         argv = [py, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc)]
-        argv += ["--node_rank", str(node_rank)] if nnodes > 1 else []
-        argv += ["--master_addr", master_addr, "--master_port", str(port)]
+        if max_restarts and nnodes > 1:  # c10d, not static: the only rendezvous that can renew its store
+            env[NO_SHARED_STORE] = "1"
+            argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master_addr}:{port}", "--rdzv-id", f"mycodist-{port}"]
+        else:
+            argv += ["--node_rank", str(node_rank)] if nnodes > 1 else []
+            argv += ["--master_addr", master_addr, "--master_port", str(port)]
+        argv += ["--max-restarts", str(max_restarts)] if max_restarts else []
     elif launcher == "deepspeed":
+        if max_restarts:
+            raise UsageError("--max-restarts: DeepSpeed's launcher does not restart workers; use --launcher torchrun "
+                             "(train.engine=deepspeed runs under torchrun too)")
         if cpu:
             env["DS_ACCELERATOR"] = "cpu"
         argv = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port)]
@@ -81,6 +92,10 @@ def launch_command(cfg: DictConfig, nproc: int, gpus: int, port: int, script_arg
                 str(nnodes), "--mixed_precision", "no" if precision == "fp32" else precision, "--dynamo_backend", "no",
                 "--main_process_port", str(port)]
         argv += ["--machine_rank", str(node_rank), "--main_process_ip", master_addr] if nnodes > 1 else []
+        if max_restarts and nnodes > 1:
+            raise UsageError("--max-restarts on several nodes: accelerate's static rendezvous keeps one store for every "
+                             "attempt (mycodist/train/elastic.py); use --launcher torchrun")
+        argv += ["--max_restarts", str(max_restarts)] if max_restarts else []
         if cfg.train.deepspeed_config:  # accelerate reads the JSON itself; "auto" fields come from us
             argv += ["--use_deepspeed", "--deepspeed_config_file", str(cfg.train.deepspeed_config)]
             script_args = [*script_args, "train.engine=accelerate"]
@@ -111,6 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1 (with --nnodes)")
     parser.add_argument("--master-addr", default="127.0.0.1",
                         help="address of node 0, where the ranks rendezvous (with --nnodes)")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="restart failed workers up to N times; they resume from the last checkpoint "
+                             "(torchrun and accelerate launchers)")
 
 
 def main(args: argparse.Namespace, cfg: DictConfig) -> int:
@@ -127,10 +145,16 @@ def main(args: argparse.Namespace, cfg: DictConfig) -> int:
         raise UsageError(f"--nnodes {nnodes} --node-rank {node_rank}: need nnodes >= 1 and 0 <= node-rank < nnodes")
     if nnodes > 1 and not int(cfg.train.master_port):
         raise UsageError("a multi-node run needs the same port on every node: set train.master_port=PORT")
+    max_restarts = int(getattr(args, "max_restarts", 0))
+    if max_restarts < 0:
+        raise UsageError(f"--max-restarts {max_restarts} must be 0 or more")
+    if max_restarts and str(cfg.train.resume) == "none":
+        raise UsageError("--max-restarts with train.resume=none: restarted workers would start from step 0; "
+                         "use train.resume=auto (the default)")
     port = int(cfg.train.master_port) or free_port()
     script_args = ([f"--config={args.config}"] if args.config else []) + list(args.overrides)
     argv, env = launch_command(cfg, nproc, gpus, port, script_args, args.launcher, nnodes, node_rank,
-                               getattr(args, "master_addr", "127.0.0.1"))
+                               getattr(args, "master_addr", "127.0.0.1"), max_restarts)
     shown = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(argv)
     print(f"launch: {shown.strip()}", flush=True)
     if args.print_command:

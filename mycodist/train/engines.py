@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from mycodist.devices import set_local_cuda_device
 from mycodist.errors import UsageError
 from mycodist.train.checkpoint import MODEL_FILE
+from mycodist.train.elastic import init_default_group, restart_prefix
 from mycodist.train.watchdog import Watchdog, dist_timeout_s
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -429,8 +430,7 @@ class TorchDDPEngine(Engine):
         # run then issues the same NCCL collectives as an 8-GPU one (and fails the same way if one is wrong)
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "MASTER_ADDR" in os.environ
         if launched and not dist.is_initialized():
-            dist.init_process_group(_backend(self.device), device_id=self.device if self.device.type == "cuda" else None,
-                                    timeout=timedelta(seconds=self.dist_timeout))
+            init_default_group(_backend(self.device), self.dist_timeout, self.device)
         if dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         check_world(self.world_size)
@@ -528,6 +528,8 @@ class AccelerateEngine(Engine):
         launched = world > 1 if cpu else "LOCAL_RANK" in os.environ
         kwargs = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
                                          timeout=timedelta(seconds=self.dist_timeout))] if launched else []
+        if launched and restart_prefix() is not None and not dist.is_initialized():  # accelerate keeps it
+            init_default_group("gloo" if cpu else "nccl", self.dist_timeout)  # accelerate binds the device later
         self.accelerator = Accelerator(
             mixed_precision="no" if self.precision == "fp32" else self.precision,
             gradient_accumulation_steps=self.grad_accum,
@@ -686,6 +688,8 @@ class DeepSpeedEngine(Engine):
 
         _skip_shm_op()
         self.device, self.local_rank = _pick_device()
+        if restart_prefix() is not None and not dist.is_initialized():  # DeepSpeed keeps a group that exists
+            init_default_group(_backend(self.device), self.dist_timeout, self.device)
         deepspeed.init_distributed(dist_backend=_backend(self.device), timeout=timedelta(seconds=self.dist_timeout))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         check_world(self.world_size)

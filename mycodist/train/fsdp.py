@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from mycodist.errors import UsageError
+from mycodist.train.elastic import init_default_group
 from mycodist.train.engines import (
     Engine,
     EngineSettings,
@@ -81,8 +81,7 @@ class FSDPEngine(Engine):
             raise UsageError("train.ema_decay > 0 with FSDP: the EMA needs whole weights on each rank; turn it off")
         self.sharding = fsdp_sharding(cfg)
         if not dist.is_initialized():
-            dist.init_process_group(_backend(self.device), timeout=timedelta(seconds=self.dist_timeout),
-                                    device_id=self.device if self.device.type == "cuda" else None)
+            init_default_group(_backend(self.device), self.dist_timeout, self.device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         check_world(self.world_size)
 
