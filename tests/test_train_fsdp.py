@@ -40,7 +40,7 @@ def full_shard_run(shards, tmp_path_factory) -> Path:
     return run
 
 
-def fsdp_theory(shard_grad_op: bool, n: int = 2) -> dict:
+def fsdp_theory(shard_grad_op: bool, n: int = 2, **kw) -> dict:
     """The byte theory from the model alone: shapes (FSDP2 pads dim 0 to a multiple of n) and what stays
     gathered from forward into backward (root's own parameters; all of them under shard-grad-op)."""
     cfg = load_config(None, ["model.img_size=32"])
@@ -52,7 +52,7 @@ def fsdp_theory(shard_grad_op: bool, n: int = 2) -> dict:
         return -(-p.shape[0] // n) * n * (p.numel() // p.shape[0]) if p.dim() else n
 
     kept = sum(padded(p) for p in params if shard_grad_op or id(p) not in in_blocks)
-    return theory_bytes_per_step("fsdp", [tuple(p.shape) for p in params], n, resident_numel=kept)
+    return theory_bytes_per_step("fsdp", [tuple(p.shape) for p in params], n, resident_numel=kept, **kw)
 
 
 def assert_bytes_match(run: Path, theory: dict) -> None:
@@ -108,17 +108,46 @@ def test_fsdp_resume_after_kill_matches_uninterrupted(shards, full_shard_run, tm
         assert ours[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-6), (s, ours[s], reference[s])
 
 
-def test_fsdp_shard_grad_op_through_accelerate_launch(shards, tmp_path):
-    run = tmp_path / "run"
+def accelerate_fsdp(shards: Path, run: Path, *flags: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu2_fsdp.yaml",
-            "--fsdp_reshard_after_forward", "false", "--main_process_port", str(free_port()), "launch/train.py",
+            *flags, "--main_process_port", str(free_port()), "launch/train.py",
             f"data.shards={shards}", f"train.output_dir={run}", *TINY, "train.epochs=1", "train.export=false", *PROFILE]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp_shard_grad_op_through_accelerate_launch(shards, full_shard_run, tmp_path):
+    """Shard-grad-op with accelerate's activation checkpointing: the same losses as full shard without it
+    (recomputing a block is exact), the same bytes as shard-grad-op's theory (no extra all-gather)."""
+    run = tmp_path / "run"
+    proc = accelerate_fsdp(shards, run, "--fsdp_reshard_after_forward", "false",
+                           "--fsdp_activation_checkpointing", "true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "engine fsdp, 2 rank(s)" in proc.stdout
     assert_trained_together(run)
+    assert json.loads((run / "ranks" / "rank0.json").read_text())["grad_checkpointing"] is True
+    ours, reference = train_losses(run), train_losses(full_shard_run)
+    for s in range(1, 5):
+        assert ours[s] == pytest.approx(reference[s], rel=1e-5, abs=1e-6), (s, ours[s], reference[s])
     assert_bytes_match(run, fsdp_theory(shard_grad_op=True))
     # shard-grad-op gathers once per step, full shard twice (but the root's parameters)
     assert fsdp_theory(True)["by_op"]["all_gather"] < fsdp_theory(False)["by_op"]["all_gather"]
+
+
+def test_fsdp_bf16_gathers_bf16_and_reduce_scatters_fp32_as_the_theory_says(shards, tmp_path):
+    """bf16 parameters on the wire for the all-gathers (2 bytes), fp32 gradients for the reduce-scatter (4):
+    the MixedPrecisionPolicy's reduce_dtype, which the byte theory must count (gloo runs both on CPU)."""
+    run = tmp_path / "run"
+    train(shards, run, "train.engine=fsdp", "train.epochs=1", "train.precision=bf16", "train.export=false", *PROFILE)
+    assert json.loads((run / "ranks" / "rank0.json").read_text())["precision"] == "bf16"
+    theory = fsdp_theory(shard_grad_op=False, dtype_bytes=2, reduce_bytes=4)
+    fp32 = fsdp_theory(shard_grad_op=False)["by_op"]
+    assert theory["by_op"] == {"all_gather": fp32["all_gather"] // 2, "reduce_scatter": fp32["reduce_scatter"]}
+    assert_bytes_match(run, theory)
+
+
+def test_accelerate_fsdp_offload_is_refused_not_ignored(shards, tmp_path):
+    proc = accelerate_fsdp(shards, tmp_path / "run", "--fsdp_offload_params", "true")
+    assert proc.returncode != 0
+    assert "fsdp_offload_params: true" in proc.stdout + proc.stderr and "train.offload=cpu" in proc.stdout + proc.stderr

@@ -55,13 +55,15 @@ def _fsdp_padded(x: int | Sequence[int], n: int) -> int:
 def theory_bytes_per_step(engine: str, param_numels: Iterable[int | Sequence[int]], world_size: int,
                           dtype_bytes: int = 4, persistence_threshold: int = 0,
                           group_numels: Iterable[int] | None = None, resident_numel: int = 0,
-                          max_reuse_distance: int = 0) -> dict:
+                          max_reuse_distance: int = 0, reduce_bytes: int | None = None) -> dict:
     """Expected {"by_op": {op: bytes}, "total", "wire_by_op", "wire_total"} for one optimizer step.
 
     `param_numels`: element count (or shape) of every trainable parameter; `group_numels`: DeepSpeed's
     optimizer parameter groups (default: one group of everything); `dtype_bytes`: bytes per element on the
     wire; `resident_numel`: FSDP2 elements kept unsharded after forward (the root module's own parameters);
-    `max_reuse_distance`: ZeRO-3's stage3_max_reuse_distance (see the module docstring).
+    `max_reuse_distance`: ZeRO-3's stage3_max_reuse_distance (see the module docstring); `reduce_bytes`:
+    bytes per element of the FSDP2 gradient reduce-scatter when it differs from the parameters' (bf16
+    parameters with fp32 `reduce_dtype`: 4).
     """
     shapes = list(param_numels)
     numels = [_numel(x) for x in shapes]
@@ -93,7 +95,7 @@ def theory_bytes_per_step(engine: str, param_numels: Iterable[int | Sequence[int
         elif engine == "fsdp":  # FSDP2 FULL_SHARD: gather in forward, again in backward except the root's
             padded = sum(_fsdp_padded(x, n) for x in shapes)
             by_op["all_gather"] = (2 * padded - resident_numel) * dtype_bytes
-            by_op["reduce_scatter"] = padded * dtype_bytes
+            by_op["reduce_scatter"] = padded * (reduce_bytes or dtype_bytes)
     wire = {op: b * busbw_factor(op, n) for op, b in by_op.items()}
     return {"engine": engine, "world_size": n, "params": psi, "dtype_bytes": dtype_bytes,
             "by_op": by_op, "total": sum(by_op.values()), "wire_by_op": wire, "wire_total": sum(wire.values())}

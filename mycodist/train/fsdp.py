@@ -57,6 +57,26 @@ def fsdp_sharding(cfg: DictConfig | EngineSettings) -> str:
     return sharding
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("true", "1", "yes")
+
+
+def accelerate_fsdp_options() -> dict[str, bool]:
+    """The rest of accelerate's FSDP config, so no option is silently ignored: activation checkpointing is
+    honoured (each block recomputed in backward: the model's own `grad_checkpointing`); parameter offload and
+    activation offload are refused (not built: FSDP2's CPUOffloadPolicy moves the optimizer step and the
+    gradient-norm collective to host tensors, which this engine cannot run or test without a GPU; DeepSpeed's
+    `train.offload=cpu` is the tested offload)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return {"activation_checkpointing": False}
+    for name, key in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                      ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "fsdp_activation_checkpointing_offload")):
+        if _env_true(name):
+            raise UsageError(f"accelerate's FSDP config sets {key}: true, which mycodist's FSDP2 engine does not "
+                             "support; set it to false, or offload with DeepSpeed (train.zero_stage=3 train.offload=cpu)")
+    return {"activation_checkpointing": _env_true("FSDP_ACTIVATION_CHECKPOINTING")}
+
+
 def _padded(p: torch.Tensor, n: int) -> int:
     """Elements FSDP2 moves for a parameter: dim 0 padded up to a multiple of n."""
     if p.dim() == 0:
@@ -80,6 +100,7 @@ class FSDPEngine(Engine):
         if float(self.settings.ema_decay) > 0:
             raise UsageError("train.ema_decay > 0 with FSDP: the EMA needs whole weights on each rank; turn it off")
         self.sharding = fsdp_sharding(cfg)
+        self.options = accelerate_fsdp_options()
         if not dist.is_initialized():
             init_default_group(_backend(self.device), self.dist_timeout, self.device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -92,6 +113,8 @@ class FSDPEngine(Engine):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(self.device)
+        if self.options["activation_checkpointing"] and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)  # per block, inside the block's FSDP unit: no extra all-gather
         names = {id(p): n for n, p in model.named_parameters()}
         group_names = [[names[id(p)] for p in g["params"]] for g in param_groups]
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -154,7 +177,8 @@ class FSDPEngine(Engine):
         params = [p for p in self.module.parameters() if p.requires_grad]
         in_blocks = {id(p) for p in getattr(self.module, "blocks", torch.nn.Module()).parameters()}
         kept = params if self.sharding == "shard_grad_op" else [p for p in params if id(p) not in in_blocks]
-        return {"engine": "fsdp", "dtype_bytes": 2 if self.precision == "bf16" else 4, "persistence_threshold": 0,
+        return {"engine": "fsdp", "dtype_bytes": 2 if self.precision == "bf16" else 4, "reduce_bytes": 4,
+                "persistence_threshold": 0,  # gradients reduce-scatter in fp32 (the MixedPrecisionPolicy in prepare)
                 "param_shapes": [tuple(p.shape) for p in params], "resident_numel": sum(_padded(p, n) for p in kept),
                 "ddp": None}
 

@@ -22,6 +22,7 @@ def make_profiler(cfg: DictConfig, engine: Any, run_dir: Path, param_numels: lis
         extra["max_reuse_distance"] = facts["max_reuse_distance"]
     if facts["engine"] == "fsdp":  # FSDP2 pads dim 0 of each parameter: the theory needs shapes
         param_numels, extra["resident_numel"] = facts["param_shapes"], facts["resident_numel"]
+        extra["reduce_bytes"] = facts["reduce_bytes"]
     prof = Profiler(cfg.profile, run_dir, e.rank, e.world_size, engine=facts["engine"],
                     param_numels=param_numels, dtype_bytes=facts["dtype_bytes"],
                     persistence_threshold=facts.get("persistence_threshold", 0),

@@ -259,6 +259,7 @@ class Trainer:
         digests = e.all_gather_object(digest)
         report = {"rank": e.rank, "world_size": e.world_size, "engine": e.name, "zero_stage": e.zero_stage,
                   "precision": e.precision, "param_sha256": digest, "all_ranks_equal": len(set(digests)) == 1,
+                  "grad_checkpointing": bool(getattr(e.module, "grad_checkpointing", False)),
                   "steps": self.step, "wall_s": wall_s}
         atomic_write_json(self.run_dir / "ranks" / f"rank{e.rank}.json", report)
         if len(set(digests)) != 1:
