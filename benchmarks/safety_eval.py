@@ -47,7 +47,7 @@ from mycodist.lookalikes import edibility_conflict
 from mycodist.models import ood
 from mycodist.serve.inference import Predictor, load_export
 from mycodist.serve.preprocess import decode_image
-from mycodist.serve.verdict import EDIBLE_SPECIES, NOT_IDENTIFIED, SafetyRules
+from mycodist.verdict import EDIBLE_SPECIES, NOT_IDENTIFIED, SafetyRules
 
 
 def val_samples(shards: Path, split: str = "val", limit: int | None = None) -> list[tuple[bytes, str]]:

@@ -48,9 +48,9 @@ from mycodist.config import load_config, save_config
 from mycodist.export import onnx as onnx_export
 from mycodist.models import create_model
 from mycodist.serve.inference import load_export
-from mycodist.serve.onnx_runtime import build_predictor, ort_session, verdict_agreement
+from mycodist.serve.onnx_runtime import build_predictor, int8_agreement, ort_session
 from mycodist.serve.preprocess import EvalTransform, decode_image
-from mycodist.serve.verdict import SafetyRules
+from mycodist.verdict import SafetyRules
 
 MODES = {  # name → serve overrides
     "torch": ["serve.runtime=torch"],
@@ -173,12 +173,13 @@ def summary(lat: list[float], rps: list[float], cpu: float, served: dict) -> dic
 
 
 def agreement(export_dir: str) -> dict:
-    """int8 vs fp32 on the export's validation photos under the default safety rules, as serve counts it."""
+    """int8 vs fp32 verdicts on the export's validation photos under the default serve settings: the rate the
+    export recorded (or serve's start-up recount for an export made before it recorded one)."""
     cfg = load_config(None, ["serve.runtime=onnxruntime", "serve.precision=fp32"])
     ex = load_export(export_dir)
     pred = build_predictor(ex, export_dir, SafetyRules.from_config(cfg.serve), cfg.serve)
     meta = json.loads((Path(export_dir) / onnx_export.ONNX_META).read_text())
-    out = verdict_agreement(pred, Path(export_dir))
+    out = int8_agreement(pred, Path(export_dir), meta)
     return {"export": str(export_dir), "model": ex.info["name"], "img_size": ex.info["img_size"],
             "int8_method": meta["int8"]["method"], "fp32_max_abs_diff": meta["fp32"]["max_abs_diff_logits"],
             "top1_fp32": meta["fp32"]["top1"], "top1_int8": meta["int8"]["top1"], **out}

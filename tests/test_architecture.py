@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "mycodist"
-BASE = {"config", "catalog", "lookalikes", "atomic", "errors", "devices", "preprocess"}
+BASE = {"config", "catalog", "lookalikes", "atomic", "errors", "devices", "preprocess", "verdict"}
 ALLOWED = {
     "shards": set(),
     "synth": {"shards"},

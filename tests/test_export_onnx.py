@@ -16,7 +16,7 @@ from mycodist.export import onnx as onnx_export
 from mycodist.serve.app import build_service_app
 from mycodist.serve.inference import load_export
 from mycodist.serve.onnx_runtime import build_predictor
-from mycodist.serve.verdict import SafetyRules
+from mycodist.verdict import SafetyRules
 
 pytest.importorskip("onnxruntime")
 
@@ -33,6 +33,10 @@ def test_export_onnx_flag_writes_checked_graphs_that_serve_loads(tmp_path, capsy
     n_val = manifest["totals"]["val"]["samples"]
     assert meta["photos"] == n_val and meta["fp32"]["max_abs_diff_logits"] <= 1e-4
     assert meta["int8"]["method"] == "dynamic" and meta["int8"]["top1_drop"] is not None
+    verdicts = meta["int8"]["verdicts"]  # int8 vs fp32 verdicts, counted by the export, under the run's serve.*
+    assert verdicts["photos"] == n_val and 0.0 <= verdicts["verdict_agreement"] <= 1.0
+    assert verdicts["conditions"]["feature_ood"]["score"] == "mahalanobis"
+    assert verdicts["conditions"]["labels"] == len(labels) and verdicts["conditions"]["uncalibrated"] == ""
     kept = load_file(str(out / onnx_export.ONNX_VAL))
     assert kept["labels"].shape == (n_val,) and kept["logits_int8"].shape == (n_val, len(labels))
     assert (out / onnx_export.ONNX_FILE).is_file() and (out / onnx_export.INT8_FILE).is_file()
@@ -41,6 +45,12 @@ def test_export_onnx_flag_writes_checked_graphs_that_serve_loads(tmp_path, capsy
     app = build_service_app(out, load_config(None, ["serve.runtime=onnxruntime", "serve.precision=int8",
                                                     "serve.int8_min_agreement=0"]))
     assert app is not None
+    # serve with the run's settings takes the recorded rate as it is
+    int8_cfg = load_config(None, ["serve.runtime=onnxruntime", "serve.precision=int8", "serve.int8_min_agreement=0"])
+    ex8 = load_export(out)
+    build_predictor(ex8, out, SafetyRules.from_config(int8_cfg.serve), int8_cfg.serve)
+    assert ex8.info["int8"]["source"] == "onnx.json (export)"
+    assert ex8.info["int8"]["verdict_agreement"] == verdicts["verdict_agreement"]
     # the feature OOD check works the same on ONNX Runtime: same scores and verdicts as PyTorch's
     ex = load_export(out)
     assert ex.feature_ood is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,8 @@ def export_run(run_dir: Path, ckpt: Path | None = None, cfg: DictConfig | None =
         if bool(cfg.export.onnx):  # model.onnx + model.int8.onnx for ONNX Runtime (mycodist/export/onnx.py)
             from mycodist.export.onnx import write_for_run
 
+            if (run_dir / CLASS_INDICES).is_file():  # int8's verdicts are counted on the folder as served
+                shutil.copyfile(run_dir / CLASS_INDICES, tmp / CLASS_INDICES)
             write_for_run(tmp, model, cfg)
 
     manifest = {"model_name": str(cfg.model.name), "model_config": model_config(cfg.model, len(labels)).to_dict(),

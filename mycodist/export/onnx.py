@@ -12,10 +12,12 @@ or `mycodist export RUN_DIR --onnx`):
                         validation photos); `export.int8`.
   onnx.json             what was checked: max |ONNX fp32 - PyTorch| of logits and features (the export fails
                         above `export.onnx_tolerance`), int8 top-1 agreement with fp32 and top-1 accuracy of
-                        both on the validation photos.
+                        both on the validation photos, and `int8.verdicts`: how often int8's verdict equals
+                        fp32's on them, counted with serving's own code (export/decision.py) under the run's
+                        serve.* settings, with the `conditions` it was counted under. Serve refuses int8
+                        below `serve.int8_min_agreement` by this rate.
   onnx_val.safetensors  fp32 and int8 logits and features of those photos (batched as served), so `serve`
-                        can count on them how often int8's verdict equals fp32's under the safety rules in
-                        force (the verdict depends on serve.* thresholds, which export does not know).
+                        can recount the rate when its serve.* thresholds differ from the recorded conditions.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from omegaconf import DictConfig
 from mycodist.atomic import atomic_write_json
 from mycodist.errors import UsageError
 from mycodist.export.artifact import INT8_FILE, MODEL_FILE, ONNX_FILE, ONNX_META, ONNX_VAL, file_sha256
+from mycodist.export.decision import folder_decision, verdict_agreement
 from mycodist.models import ood
 from mycodist.models.attention import Attention
+from mycodist.verdict import SafetyRules
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +171,30 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
     return float((logits.argmax(1) == labels).float().mean())
 
 
+def int8_verdicts(out_dir: Path, outputs: dict[str, torch.Tensor], serve: Any = None
+                  ) -> dict[str, Any] | None:
+    """How often int8's verdict equals fp32's on the kept outputs, counted as serving would on this folder
+    with the `serve` settings (the run's serve group; default: the defaults), and the conditions it was
+    counted under; None when the folder has no class list (nothing to decide with)."""
+    s = serve or {}
+    rules = SafetyRules.from_config(s) if s else SafetyRules()
+    decision = folder_decision(out_dir, rules, str(s.get("ood_score", "neg_energy")), float(s.get("ood_quantile", 0.05)),
+                               bool(s.get("ood", True)), bool(s.get("ood_features", True)))
+    if decision is None:
+        log.warning("%s has no class list: int8's verdict agreement is not recorded (serve will count it)", out_dir)
+        return None
+    return {**verdict_agreement(decision, outputs), "conditions": decision.conditions()}
+
+
 def write_onnx(out_dir: str | Path, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
-               int8: str = "dynamic", tolerance: float = 1e-4, batch: int = 8) -> dict[str, Any]:
+               int8: str = "dynamic", tolerance: float = 1e-4, batch: int = 8,
+               serve: Any = None) -> dict[str, Any]:
     """Write the ONNX files of `model` into the export folder `out_dir`; returns what onnx.json records.
 
     `images` are normalised validation photos (N, 3, S, S): the fp32 graph is checked on them, the static
-    int8 graph calibrated on them, and both graphs' outputs on them kept for the agreement check.
+    int8 graph calibrated on them, and both graphs' outputs on them kept. The folder's class list, catalogue
+    and calibration (written before) decide the verdicts whose int8/fp32 agreement is recorded, under the
+    `serve` settings (a serve config group; default: serving's defaults).
     """
     from safetensors.torch import save_file
 
@@ -211,12 +233,15 @@ def write_onnx(out_dir: str | Path, model: torch.nn.Module, images: torch.Tensor
                         "top1_agreement": float((logits8.argmax(1) == logits32.argmax(1)).float().mean()),
                         "top1": top8, "top1_drop": None if top32 is None else top32 - top8,
                         "max_abs_diff_logits": float((logits8 - logits32).abs().max()),
-                        "calibrated_on": "these validation photos" if int8 == "static" else None}
+                        "calibrated_on": "these validation photos" if int8 == "static" else None,
+                        "verdicts": int8_verdicts(out, tensors, serve)}
     tmp = out / f".tmp-{ONNX_VAL}"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, out / ONNX_VAL)
     atomic_write_json(out / ONNX_META, meta)
-    log.info("ONNX export: fp32 max |diff| %.2g; int8 %s", diff, meta["int8"] and meta["int8"]["top1_agreement"])
+    verdicts = meta["int8"] and meta["int8"]["verdicts"]
+    log.info("ONNX export: fp32 max |diff| %.2g; int8 top-1 agreement %s, verdict agreement %s", diff,
+             meta["int8"] and meta["int8"]["top1_agreement"], verdicts and verdicts["verdict_agreement"])
     return meta
 
 
@@ -246,4 +271,4 @@ def write_for_run(out_dir: Path, model: torch.nn.Module, cfg: DictConfig) -> dic
         raise UsageError("export.onnx=true needs validation photos (data.shards with a validation split) to "
                          "check the ONNX graph and measure int8 against fp32")
     return write_onnx(out_dir, model, images, labels, int8=str(ex.int8), tolerance=float(ex.onnx_tolerance),
-                      batch=int(cfg.serve.max_batch))
+                      batch=int(cfg.serve.max_batch), serve=cfg.serve)

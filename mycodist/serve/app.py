@@ -29,8 +29,8 @@ from mycodist.serve.limits import UploadGate, UploadLimits
 from mycodist.serve.openapi import openapi_document
 from mycodist.serve.page import render_error_page, render_result_page
 from mycodist.serve.preprocess import BadImage, decode_image, original_size
-from mycodist.serve.verdict import WARNING
 from mycodist.serve.wiring import make_predictor
+from mycodist.verdict import WARNING
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,8 @@ def _model_json(svc: Service) -> dict[str, Any]:
 
 async def healthz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    return web.json_response({"status": "ok", "model": _model_json(svc),
+    int8 = svc.predictor.export.info.get("int8")  # the verdict agreement int8 was admitted on
+    return web.json_response({"status": "ok", "model": {**_model_json(svc), **({"int8": int8} if int8 else {})},
                               "queue": {**stats(svc.batcher), "in_flight": svc.in_flight},
                               "uploads": svc.gate.stats()})
 

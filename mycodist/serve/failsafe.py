@@ -8,29 +8,10 @@ therefore refuse such an export unless `serve.allow_uncalibrated=true`; then eve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mycodist.errors import UsageError
-from mycodist.export.artifact import CALIBRATION
-
-
-def calibration_problems(export_dir: str | Path, has_ood_rule: bool) -> list[str]:
-    """What is missing from the export's calibration: [] when temperature and OOD statistics are there."""
-    path = Path(export_dir) / CALIBRATION
-    if not path.is_file():
-        return [f"the export has no {CALIBRATION} (no temperature, no OOD statistics)"]
-    problems = []
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raw = None
-    if not isinstance(raw, dict) or "temperature" not in raw:
-        problems.append(f"{CALIBRATION} has no temperature")
-    if not has_ood_rule:
-        problems.append(f"{CALIBRATION} has no out-of-distribution statistics")
-    return problems
 
 
 def require_calibrated(info: dict[str, Any], allow_uncalibrated: bool, export_dir: str | Path) -> None:

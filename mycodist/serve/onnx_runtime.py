@@ -5,9 +5,12 @@ Everything after the forward pass (temperature, OOD check, safety rules, JSON) i
 so the micro-batcher, limits and verdict path are the same whichever runtime computes the logits.
 
 int8 changes the numbers a little; it is allowed only when, on the export's validation photos, its
-verdicts equal fp32's at least `serve.int8_min_agreement` of the time. The rate is counted at start-up
-from the outputs the export kept (onnx_val.safetensors) under the safety rules in force, because the
-verdict depends on serve.* thresholds that the export cannot know.
+verdicts equal fp32's at least `serve.int8_min_agreement` of the time. The export records that rate in
+onnx.json (`int8.verdicts`), counted with serving's own decision code (export/decision.py) under the run's
+serve.* settings, and with the conditions it was counted under. Serve uses the recorded rate when its own
+conditions (safety thresholds, OOD rule and threshold, temperature) are the same; when they differ (say
+serve.min_confidence was raised), the recorded rate is about other verdicts, so serve recounts it on the
+outputs the export kept (onnx_val.safetensors) under the rules in force, and says so.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 
 from mycodist.errors import UsageError
 from mycodist.export.artifact import INT8_FILE, ONNX_FILE, ONNX_META, ONNX_VAL
+from mycodist.export.decision import verdict_agreement
 from mycodist.serve.inference import Export, Predictor
-from mycodist.serve.verdict import SafetyRules
+from mycodist.verdict import SafetyRules
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +91,9 @@ def ort_session(path: Path, threads: int) -> Any:
         raise UsageError(f"ONNX Runtime cannot load '{path}': {str(e).splitlines()[0][:300]}") from None
 
 
-def verdict_agreement(predictor: OnnxPredictor, export_dir: Path) -> dict[str, Any]:
-    """How often int8's verdict (and top-1) equals fp32's on the export's validation photos, under
-    `predictor`'s rules; also the top-1 accuracy drop when the export kept the labels."""
+def recount_agreement(predictor: Predictor, export_dir: Path) -> dict[str, Any]:
+    """int8 vs fp32 verdicts on the outputs the export kept (onnx_val.safetensors), under `predictor`'s
+    decision (its safety rules, OOD rule, temperature)."""
     from safetensors.torch import load_file
 
     path = export_dir / ONNX_VAL
@@ -99,18 +103,24 @@ def verdict_agreement(predictor: OnnxPredictor, export_dir: Path) -> dict[str, A
         raise UsageError(f"serve.precision=int8 needs '{path}' (validation outputs): {e}; {REEXPORT}") from None
     if "logits_int8" not in t or "logits_fp32" not in t:
         raise UsageError(f"'{path}' has no int8 outputs (exported with export.int8=none?); {REEXPORT}")
-    fp32 = predictor.answers(t["logits_fp32"], predictor.feature_scores(t["features_fp32"]))
-    int8 = predictor.answers(t["logits_int8"], predictor.feature_scores(t["features_int8"]))
-    n = len(fp32)
-    same = sum(a["verdict"]["code"] == b["verdict"]["code"] for a, b in zip(fp32, int8, strict=True))
-    top1_32, top1_8 = t["logits_fp32"].argmax(1), t["logits_int8"].argmax(1)
-    out: dict[str, Any] = {"photos": n, "verdict_agreement": same / n if n else 0.0,
-                           "top1_agreement": float((top1_32 == top1_8).float().mean()) if n else 0.0,
-                           "top1_drop": None}
-    if "labels" in t and n:
-        y = t["labels"]
-        out["top1_drop"] = float((top1_32 == y).float().mean() - (top1_8 == y).float().mean())
-    return out
+    return verdict_agreement(predictor.decision, t)
+
+
+def int8_agreement(predictor: Predictor, export_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The int8/fp32 verdict agreement that applies to `predictor`: the export's recorded rate when it was
+    counted under the same conditions, else a recount on the kept outputs; `source` says which."""
+    recorded = (meta.get("int8") or {}).get("verdicts")
+    conditions = predictor.decision.conditions()
+    if isinstance(recorded, dict) and recorded.get("conditions") == conditions:
+        return {**{k: v for k, v in recorded.items() if k != "conditions"}, "source": f"{ONNX_META} (export)"}
+    if isinstance(recorded, dict) and isinstance(recorded.get("conditions"), dict):
+        changed = sorted(k for k in conditions if recorded["conditions"].get(k) != conditions[k])
+        why = f"serve's {', '.join(changed)} differ from those the export counted under"
+    else:
+        why = "the export recorded no verdict agreement (made before it did)"
+    counted = recount_agreement(predictor, export_dir)
+    log.info("int8 verdict agreement recounted at start-up: %s", why)
+    return {**counted, "source": f"recounted at start-up: {why}"}
 
 
 def build_predictor(export: Export, export_dir: str | Path, rules: SafetyRules, serve_cfg: Any,
@@ -142,13 +152,14 @@ def build_predictor(export: Export, export_dir: str | Path, rules: SafetyRules, 
         raise UsageError(f"serve.precision={precision}: '{path}' is missing; {REEXPORT}")
     predictor = OnnxPredictor(export, rules, ort_session(path, int(serve_cfg.torch_threads)), precision, **common)
     if precision == "int8":
-        agreement = verdict_agreement(predictor, d)
+        agreement = int8_agreement(predictor, d, meta)
         rate = agreement["verdict_agreement"]
-        if rate < min_agree:
+        if not rate >= min_agree:
             raise UsageError(f"serve.precision=int8 refused: its verdicts equal fp32's on {rate:.2%} of "
-                             f"{agreement['photos']} validation photos, below serve.int8_min_agreement={min_agree:g}; "
-                             "serve fp32 (serve.precision=fp32), or re-export with export.int8=static/dynamic")
-        log.info("int8 verdicts equal fp32's on %.2f%% of %d validation photos (top-1 drop %s)",
-                 100 * rate, agreement["photos"], agreement["top1_drop"])
+                             f"{agreement['photos']} validation photos ({agreement['source']}), below "
+                             f"serve.int8_min_agreement={min_agree:g}; serve fp32 (serve.precision=fp32), or "
+                             "re-export with export.int8=static/dynamic")
+        log.info("int8 verdicts equal fp32's on %.2f%% of %d validation photos (top-1 drop %s; %s)",
+                 100 * rate, agreement["photos"], agreement["top1_drop"], agreement["source"])
         export.info["int8"] = agreement
     return predictor

@@ -6,7 +6,7 @@ from typing import Any
 
 from mycodist import __version__
 from mycodist.catalog import EDIBILITY
-from mycodist.serve.verdict import VERDICT_CODES, WARNING
+from mycodist.verdict import VERDICT_CODES, WARNING
 
 
 def openapi_document(max_upload_bytes: int, max_pixels: int) -> dict[str, Any]:

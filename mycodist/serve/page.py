@@ -8,7 +8,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from mycodist.serve.verdict import WARNING
+from mycodist.verdict import WARNING
 
 VERDICT_TITLES = {
     "not_identified": "Not identified",

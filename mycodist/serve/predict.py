@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from mycodist.errors import UsageError
 from mycodist.serve.inference import Predictor
 from mycodist.serve.preprocess import BadImage, decode_image, original_size
-from mycodist.serve.verdict import WARNING
 from mycodist.serve.wiring import make_predictor
+from mycodist.verdict import WARNING
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 

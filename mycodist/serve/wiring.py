@@ -12,7 +12,7 @@ from mycodist.errors import UsageError
 from mycodist.serve.failsafe import allow_flag, require_calibrated
 from mycodist.serve.inference import Predictor, load_export
 from mycodist.serve.onnx_runtime import build_predictor
-from mycodist.serve.verdict import SafetyRules
+from mycodist.verdict import SafetyRules
 
 
 def make_predictor(export_dir: str | Path, serve: Any, builder: Any = None, top_k: int | None = None) -> Predictor:

@@ -25,7 +25,7 @@ from serve_util import (
 from mycodist.config import load_config
 from mycodist.errors import UsageError
 from mycodist.serve.app import build_service_app
-from mycodist.serve.verdict import WARNING
+from mycodist.verdict import WARNING
 
 VERDICT_CASES = {
     "not_identified": {"boletus_bonus": 0.4, "agaricus_similis": 0.35},

@@ -100,9 +100,10 @@ def test_answers_name_runtime_and_precision(tmp_path):
     assert seen[("onnxruntime", "fp32")]["top_k"][0]["probability"] == pytest.approx(p_torch, abs=1e-5)
 
 
-def _disagreeing_int8(folder, flipped: int, total: int) -> None:
+def _disagreeing_int8(folder, flipped: int, total: int, record: bool = True) -> None:
     """Rewrite the int8 outputs kept by the export so that exactly `flipped` of `total` photos get another top
-    species than fp32: what a quantisation that harms the model looks like to the start-up check."""
+    species than fp32: what a quantisation that harms the model looks like. With `record`, onnx.json gets
+    the rate the export would then have recorded."""
     path = folder / onnx_export.ONNX_VAL
     t = load_file(str(path))
     assert len(t["logits_fp32"]) == total
@@ -110,25 +111,77 @@ def _disagreeing_int8(folder, flipped: int, total: int) -> None:
     int8[:flipped] = int8[:flipped].roll(1, dims=1)  # the confident death cap becomes another species
     t["logits_int8"] = int8
     save_file(t, str(path))
+    if record:
+        meta = json.loads((folder / onnx_export.ONNX_META).read_text())
+        meta["int8"]["verdicts"] = onnx_export.int8_verdicts(folder, t)
+        (folder / onnx_export.ONNX_META).write_text(json.dumps(meta))
+
+
+def _health(app) -> dict:
+    seen = {}
+
+    async def body(client):
+        seen.update(await (await client.get("/healthz")).json())
+
+    run_client(app, body)
+    return seen
+
+
+def test_export_records_the_int8_verdict_agreement(tmp_path):
+    """The export counts int8 against fp32 verdicts on its validation photos with serving's own decision code
+    and the serve defaults, and records the rate with the conditions; serve, with the same settings, takes
+    that figure as it is (no recount) and shows it in /healthz."""
+    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), CALIBRATED)
+    meta = _with_onnx(folder, photos=20)
+    rec = meta["int8"]["verdicts"]
+    assert rec["photos"] == 20 and 0.0 <= rec["verdict_agreement"] <= 1.0 and rec["agree"] == round(20 * rec["verdict_agreement"])
+    assert rec["conditions"]["rules"]["min_confidence"] == 0.5 and rec["conditions"]["uncalibrated"] == ""
+    assert json.loads((folder / onnx_export.ONNX_META).read_text())["int8"]["verdicts"] == rec
+
+    _disagreeing_int8(folder, flipped=3, total=20)  # recorded: 17 of 20
+    health = _health(_app(folder, "serve.runtime=onnxruntime", "serve.precision=int8", "serve.int8_min_agreement=0.8"))
+    got = health["model"]["int8"]
+    assert got["source"] == "onnx.json (export)" and got["verdict_agreement"] == pytest.approx(0.85)
+    assert health["model"]["runtime"] == "onnxruntime" and health["model"]["precision"] == "int8"
 
 
 def test_int8_is_refused_below_the_agreement_threshold(tmp_path):
     folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), CALIBRATED)
     _with_onnx(folder, photos=20)
     _disagreeing_int8(folder, flipped=2, total=20)  # verdicts agree on 18 of 20 = 90%
-    with pytest.raises(UsageError, match=r"int8 refused.*90\.00% of 20.*int8_min_agreement=0\.99"):
+    with pytest.raises(UsageError, match=r"int8 refused.*90\.00% of 20.*onnx\.json \(export\).*int8_min_agreement=0\.99"):
         _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8")
     with pytest.raises(UsageError, match="int8 refused"):
         _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8", "serve.int8_min_agreement=0.91")
-
-    async def body(client):
-        health = await (await client.get("/healthz")).json()
-        assert health["model"]["precision"] == "int8"
-
-    app = _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8", "serve.int8_min_agreement=0.9")
-    run_client(app, body)
+    health = _health(_app(folder, "serve.runtime=onnxruntime", "serve.precision=int8", "serve.int8_min_agreement=0.9"))
+    assert health["model"]["precision"] == "int8"
     fp32 = _app(folder, "serve.runtime=onnxruntime", "serve.precision=fp32")  # fp32 is never refused
     assert fp32 is not None
+
+
+def test_int8_refusal_reads_the_recorded_rate(tmp_path):
+    """The rate serve judges by is the one the export recorded: a record of 90% is refused although the kept
+    outputs agree fully; the same record is ignored (recounted, 100%) once serve's thresholds differ from
+    the ones it was counted under, since it then describes other verdicts."""
+    folder = make_export(tmp_path / "e", logits_for({"amanita_letalis": 0.97}), CALIBRATED)
+    _with_onnx(folder, photos=20)
+    meta = json.loads((folder / onnx_export.ONNX_META).read_text())
+    meta["int8"]["verdicts"].update(verdict_agreement=0.9, agree=18)
+    (folder / onnx_export.ONNX_META).write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=r"90\.00% of 20 validation photos \(onnx\.json \(export\)\)"):
+        _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8")
+    health = _health(_app(folder, "serve.runtime=onnxruntime", "serve.precision=int8", "serve.min_confidence=0.6"))
+    got = health["model"]["int8"]
+    assert got["verdict_agreement"] == 1.0 and got["source"].startswith("recounted at start-up: serve's rules")
+    # and the recount refuses too when the kept outputs disagree under serve's own thresholds
+    _disagreeing_int8(folder, flipped=2, total=20, record=False)
+    with pytest.raises(UsageError, match=r"90\.00% of 20 validation photos \(recounted at start-up"):
+        _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8", "serve.min_confidence=0.6")
+    # an export made before the rate was recorded: counted at start-up
+    del meta["int8"]["verdicts"]
+    (folder / onnx_export.ONNX_META).write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="recorded no verdict agreement"):
+        _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8")
 
 
 def test_runtime_and_precision_usage_errors(tmp_path):

@@ -8,7 +8,7 @@ import shutil
 from serve_util import photo
 
 from mycodist.cli import main
-from mycodist.serve.verdict import WARNING
+from mycodist.verdict import WARNING
 
 
 def test_predict_prints_one_json_line_per_image(real_export, tmp_path, capsys):

@@ -34,6 +34,23 @@ def test_eval_transform_matches_the_loader(size, fmt):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_normalise_is_the_torch_arithmetic_bit_for_bit():
+    """Every uint8 value in every channel: the NumPy normalisation serving runs in its decode threads gives
+    exactly PyTorch's float32 `x * scale - shift` (the loader's and the GPU's arithmetic), so moving it off
+    PyTorch's thread pool changed no answer."""
+    from mycodist.preprocess import scale_shift
+
+    tf = EvalTransform(size=16, mean=(0.5, 0.45, 0.4), std=(0.2, 0.25, 0.3))
+    pixels = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=-1)
+    pixels[..., 1] = pixels[..., 1].T  # not just one pattern copied
+    scale, shift = scale_shift(tf.mean, tf.std)
+    expected = (torch.from_numpy(pixels).float() * torch.tensor(scale) - torch.tensor(shift)).permute(2, 0, 1)
+    got = tf.normalise(pixels)
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (3, 16, 16)
+    assert torch.equal(got, expected)
+    assert torch.equal(tf.normalise(pixels[::-1]), expected.flip(1))  # a non-contiguous view reads the same
+
+
 def test_transform_reads_an_old_config_without_data_keys():
     tf = EvalTransform.from_config({"model": {"img_size": 48}})
     assert tf.size == 48 and tf.eval_crop == 0.875

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from serve_util import LABELS, SPECIES
 
 from mycodist.catalog import EDIBILITY, EDIBLE, TOXIC, Species
-from mycodist.serve.verdict import (
+from mycodist.verdict import (
     DO_NOT_EAT,
     EDIBLE_SPECIES,
     INEDIBLE,

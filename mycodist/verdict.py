@@ -2,7 +2,8 @@
 
 Pure functions, no torch, no I/O, so every rule can be tested exhaustively. Order matters and goes
 from "we cannot say" to "as far as this photo goes, edible"; each step can only make the answer more
-cautious than the next one. docs/safety.md explains each threshold.
+cautious than the next one. docs/safety.md explains each threshold. Shared base: serving answers with
+these rules, and the export counts with them how often int8's verdicts equal fp32's (export/decision.py).
 """
 
 from __future__ import annotations
