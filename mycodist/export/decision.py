@@ -15,6 +15,7 @@ Calibration files (names: export/artifact.py):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -232,9 +233,12 @@ class Decision:
         def rule(r: OodRule | FeatureOodRule | None) -> dict[str, Any] | None:
             return None if r is None else {"score": r.score, "threshold": r.threshold}
 
+        catalogue = json.dumps({k: asdict(v) for k, v in sorted(self.species.items())}, sort_keys=True, default=str)
         return {"rules": asdict(self.rules), "temperature": self.temperature, "ood": rule(self.ood),
                 "feature_ood": rule(self.feature_ood), "uncalibrated": self.uncalibrated,
-                "labels": len(self.labels)}
+                "labels": len(self.labels),
+                # an edited species.json (edibility, lookalikes) changes verdicts: it must force a recount
+                "catalogue_sha256": hashlib.sha256(catalogue.encode()).hexdigest()}
 
 
 def verdict_agreement(decision: Decision, outputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -177,6 +177,13 @@ def test_int8_refusal_reads_the_recorded_rate(tmp_path):
     _disagreeing_int8(folder, flipped=2, total=20, record=False)
     with pytest.raises(UsageError, match=r"90\.00% of 20 validation photos \(recounted at start-up"):
         _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8", "serve.min_confidence=0.6")
+    # an edited catalogue (say an edibility corrected in species.json) changes verdicts: recounted too
+    species = json.loads((folder / "species.json").read_text())
+    first = next(iter(species)) if isinstance(species, dict) else 0
+    species[first]["edibility"] = "deadly" if species[first].get("edibility") != "deadly" else "poisonous"
+    (folder / "species.json").write_text(json.dumps(species))
+    with pytest.raises(UsageError, match=r"recounted at start-up: serve's catalogue_sha256 differ"):
+        _app(folder, "serve.runtime=onnxruntime", "serve.precision=int8")  # the kept outputs disagree (above)
     # an export made before the rate was recorded: counted at start-up
     del meta["int8"]["verdicts"]
     (folder / onnx_export.ONNX_META).write_text(json.dumps(meta))
