@@ -1,9 +1,9 @@
 """The image path: JPEG bytes → uint8 crop (in the worker, per sample) → batch tensor (per batch).
 
 Per sample, the crop is chosen on the photo's full size first, then the JPEG is decoded at the smallest
-scale that still leaves the crop at least as large as the output — any k/8 with libjpeg-turbo through
-simplejpeg (decode.py, `data.decoder`), 1/2, 1/4 or 1/8 with Pillow's draft mode — and one Pillow resize
-with a source box does crop and resize together. That is the whole speed difference against the usual
+scale that still leaves the crop at least as large as the output — 1/8, 1/4, 1/2 or 1 with libjpeg-turbo,
+decoding only the crop's region where that pays (decode.py, `data.decoder`), or with Pillow's draft mode —
+and one Pillow resize with a source box does crop and resize together. That is the whole speed difference against the usual
 decode-everything-then-crop path. The eval crop always takes the Pillow path, which serving restates.
 
 Each crop is written straight into its slot of a uint8 NHWC batch buffer (flip = a reversed numpy
@@ -32,12 +32,11 @@ from PIL import Image
 
 from mycodist.data.decode import (
     DECODERS,
-    decode_scaled,
+    decode_crop,
     jpeg_size,
-    resize_region,
-    scale_request,
+    region_available,
     simplejpeg_available,
-    use_simplejpeg,
+    turbo_path,
 )
 from mycodist.errors import UsageError
 from mycodist.preprocess import EvalPreprocess, scale_shift
@@ -113,6 +112,10 @@ class ImageConfig:
         if self.decoder == "simplejpeg" and not simplejpeg_available():
             raise UsageError("data.decoder=simplejpeg but simplejpeg is not installed (pip install simplejpeg, "
                              "or data.decoder=auto to fall back to Pillow)")
+        if self.decoder == "region" and not region_available():
+            raise UsageError("data.decoder=region but mycodist's region decoder (mycodist/data/_jpegregion.c) is "
+                             "not built: install libjpeg-turbo's headers (Debian: libjpeg62-turbo-dev) and a C "
+                             "compiler, reinstall mycodist, or use data.decoder=auto")
         if self.output not in OUTPUTS:
             raise UsageError(f"data.output='{self.output}' must be one of auto, {', '.join(OUTPUTS)}")
         if self.reducing_gap != 0 and self.reducing_gap < 1:
@@ -194,15 +197,16 @@ def decode_train(data: bytes, cfg: ImageConfig, rng: random.Random, out: np.ndar
     """Random-resized-crop and flip one image to a (size, size, 3) uint8 array (written into `out` if given).
 
     The crop box and the flip are drawn from `rng` the same way whichever decoder runs; only how the
-    pixels are produced differs (see `_turbo_crop`). `reducing_gap` lets Pillow shrink by an integer
+    pixels are produced differs (`decode.decode_crop`). `reducing_gap` lets Pillow shrink by an integer
     factor (cheap box averaging) before the bilinear pass when the crop is still >= gap x the output
     after scaled decoding: a no-op for scaled JPEGs, a large saving for non-JPEGs or `draft=false`."""
     gap = cfg.reducing_gap or None
-    size = jpeg_size(data) if cfg.draft and use_simplejpeg(cfg.decoder) else None
+    path = turbo_path(cfg.decoder) if cfg.draft else None
+    size = jpeg_size(data) if path is not None else None
     if size is not None:
         x, y, w, h = crop_box(size[0], size[1], rng, cfg.scale, cfg.ratio)
         flip = rng.random() < cfg.hflip
-        small = _turbo_crop(data, size, (x, y, x + w, y + h), cfg.size, gap)
+        small = decode_crop(data, size, (x, y, x + w, y + h), cfg.size, gap, path)
         if small is not None:
             return _store(small, flip, out)
         with Image.open(io.BytesIO(data)) as img:  # rare: a JPEG the header read allowed but decoding refused
@@ -214,21 +218,6 @@ def decode_train(data: bytes, cfg: ImageConfig, rng: random.Random, out: np.ndar
         img, box = _draft(img, (x, y, x + w, y + h), cfg.size, cfg.draft)
         small = img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box, reducing_gap=gap)
     return _store(small, flip, out)
-
-
-def _turbo_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, int], size: int,
-                gap: float | None) -> Image.Image | None:
-    """Decode at the smallest scale that keeps `box` >= size (decode.py), then Pillow's one bilinear resize.
-
-    Pixel-level difference from the Pillow path: where both pick the same scale, the decoded pixels are
-    identical and the resize differs by at most 1 level (`resize_region`); where Pillow's
-    draft rounds down and decodes 2x larger, the IDCT does half of the shrinking the bilinear filter would
-    do (tests/test_data_transforms.py bounds the difference and compares statistics)."""
-    arr = decode_scaled(data, full[0], full[1], *scale_request(full[0], full[1], box, size))
-    if arr is None:
-        return None
-    sx, sy = arr.shape[1] / full[0], arr.shape[0] / full[1]
-    return resize_region(arr, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), size, gap)
 
 
 def decode_eval(data: bytes, cfg: ImageConfig, out: np.ndarray | None = None) -> np.ndarray:
