@@ -166,13 +166,15 @@ def resize_region(arr: np.ndarray, box: tuple[float, float, float, float], size:
 
 
 def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, int], size: int,
-                gap: float | None, path: str) -> Image.Image | None:
+                gap: float | None, path: str, scales: tuple[int, ...] = SCALES) -> Image.Image | None:
     """`box` of the JPEG `data` (full size `full`) resized to size x size: decoded at the smallest of `SCALES`
     that keeps the box >= size px, by region or whole-image decoding (`path`, from `turbo_path`), then
-    `_resize` of the window. Region and whole-image decoding give identical pixels (module docstring). None
+    `_resize` of the window. Region and whole-image decoding give identical pixels (module docstring); against
+    Pillow's path the resize of the shifted window differs by at most 1 level (`resize_region`), and where
+    Pillow's draft rounds down and decodes at twice the scale, the IDCT does part of the shrinking. None
     when libjpeg refuses the data (the caller then takes Pillow's path)."""
     width, height = full
-    k = pick_scale(width, height, *scale_request(width, height, box, size))
+    k = pick_scale(width, height, *scale_request(width, height, box, size), scales)
     sw, sh = -(-width * k // 8), -(-height * k // 8)  # libjpeg's scaled size (rounded up)
     sx, sy = sw / width, sh / height
     sbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
