@@ -296,10 +296,13 @@ def mix_batch(x: torch.Tensor, targets: torch.Tensor, num_classes: int, cfg: Ima
 def to_output(x: torch.Tensor, cfg: ImageConfig, shared: bool = False) -> torch.Tensor:
     """NHWC batch (uint8, or float 0..255) → NCHW float normalised, or uint8; channels-last if asked.
 
-    Contiguous float output is written one channel at a time: `mul(x[..., c], 1/(255 std), out=...)`
-    then `sub_(mean/std)` reads the interleaved uint8 channel and writes a contiguous plane, ~3x faster
-    than one transposing copy followed by broadcast normalisation. The result never aliases `x`
-    unless it is the free channels-last uint8 view. `shared` allocates the output in shared memory."""
+    Contiguous output is written one channel at a time by numpy: `multiply(x[..., c], scale, dtype=float32)`
+    reads the interleaved channel, converts and scales it into a contiguous plane in one pass, then
+    `subtract(plane, shift)`. The same float32 arithmetic as torch's `mul`/`sub_` (bit-identical, tests), ~2.7x
+    faster on one core: torch's uint8→float multiply does not vectorise the conversion (29 vs 11 ms per
+    64 x 224 x 224 batch); for uint8 output numpy's de-interleaving copy takes 3.2 ms against torch's 5.4.
+    The result never aliases `x` unless it is the free channels-last uint8 view. `shared` allocates the
+    output in shared memory."""
     nchw = x.permute(0, 3, 1, 2)  # a channels-last view: no copy
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     if cfg.output == "uint8":
@@ -307,15 +310,27 @@ def to_output(x: torch.Tensor, cfg: ImageConfig, shared: bool = False) -> torch.
             nchw = nchw.round().clamp_(0, 255).to(torch.uint8)
         if cfg.channels_last and (nchw.is_shared() or not shared):
             return nchw
-        return empty_batch(tuple(nchw.shape), torch.uint8, shared, fmt).copy_(nchw)
+        out = empty_batch(tuple(nchw.shape), torch.uint8, shared, fmt)
+        if cfg.channels_last or nchw.device.type != "cpu":
+            return out.copy_(nchw)
+        src, dst = nchw.numpy(), out.numpy()
+        for c in range(nchw.shape[1]):
+            dst[:, c] = src[:, c]
+        return out
     out = empty_batch(tuple(nchw.shape), torch.float32, shared, fmt)
     scale, shift = scale_shift(cfg.mean, cfg.std)
     if cfg.channels_last:  # NHWC in memory on both sides: whole-tensor ops run contiguously
         out.copy_(nchw)
         return out.mul_(torch.tensor(scale).view(1, 3, 1, 1)).sub_(torch.tensor(shift).view(1, 3, 1, 1))
+    if nchw.device.type != "cpu" or nchw.dtype not in (torch.uint8, torch.float32):
+        for c in range(nchw.shape[1]):
+            torch.mul(nchw[:, c], scale[c], out=out[:, c])
+            out[:, c].sub_(shift[c])
+        return out
+    src, dst = nchw.numpy(), out.numpy()
     for c in range(nchw.shape[1]):
-        torch.mul(nchw[:, c], scale[c], out=out[:, c])
-        out[:, c].sub_(shift[c])
+        np.multiply(src[:, c], np.float32(scale[c]), out=dst[:, c], dtype=np.float32)
+        np.subtract(dst[:, c], np.float32(shift[c]), out=dst[:, c])
     return out
 
 
