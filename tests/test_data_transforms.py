@@ -104,6 +104,25 @@ def test_output_conversion_is_torchs_arithmetic_bit_for_bit(dtype):
         assert torch.equal(u8, x.permute(0, 3, 1, 2).round().clamp(0, 255).to(torch.uint8))
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_large_private_batches_come_from_their_own_mapping_and_stay_alive(fmt):
+    import gc
+
+    from mycodist.data.transforms import empty_batch
+
+    shape = (8, 3, 224, 224)  # 4.8 MB of float: above the huge-page threshold
+    x = empty_batch(shape, torch.float32, False, fmt)
+    assert x.shape == shape and x.is_contiguous(memory_format=fmt) and not x.is_shared()
+    x.fill_(2.0)
+    view = x[1:3]
+    del x
+    gc.collect()
+    assert torch.equal(view, torch.full((2, 3, 224, 224), 2.0)) and view.clone().sum() == 2 * 3 * 224 * 224 * 2
+    small = empty_batch((2, 3, 8, 8), torch.uint8, False, fmt)
+    assert small.is_contiguous(memory_format=fmt) and not small.is_shared()
+    assert empty_batch(shape, torch.uint8, True, fmt).is_shared()
+
+
 def test_color_jitter_keeps_range_and_zero_strength_is_identity():
     x = torch.rand(3, 8, 8, 3) * 255
     same = color_jitter_(x.clone(), 0.0, [random.Random(i) for i in range(3)])
