@@ -239,6 +239,17 @@ def test_region_decoder_refuses_bad_data_cleanly():
                 assert decode_train(bad, REGION, random.Random(seed)).shape == want.shape
 
 
+def test_only_complete_jpegs_are_region_decoded():
+    from mycodist.data.decode import _complete
+
+    data = photo(0, (320, 240))
+    assert _complete(data) and _complete(data + b"SEFT trailer \x00\x01" * 20) and _complete(data + bytes(64))
+    for cut in (len(data) - 2, len(data) - 1, len(data) // 2, 700, 3):
+        assert not _complete(data[:cut])
+    thumb = photo(1, (40, 30))  # a complete thumbnail before a cut main image (an EXIF-like layout)
+    assert not _complete(data[:2] + b"\xff\xe1" + len(thumb).to_bytes(2, "big") + thumb + data[2:len(data) // 2])
+
+
 @needs_region
 def test_region_decoder_runs_in_threads():
     """It releases the GIL while decoding; results stay those of a single thread."""

@@ -15,8 +15,8 @@ upsampling of 4:2:2/4:2:0 chroma treats a cropped span's first and last columns 
 region asked for is one column wider on each side than the resize reads, and those edge columns are never
 used (tests/test_data_decode.py checks the equality on 4:4:4, 4:2:2 and 4:2:0, baseline and progressive, at
 every scale). Decoding stops after the crop, so a file truncated below it would decode; to keep a truncated
-file a bad sample, region decoding is used only on data that ends with the EOI marker, and anything else
-takes the whole-image path, which reads (and refuses) the whole file.
+file a bad sample, region decoding is used only when the EOI marker follows the last scan (`_complete`), and
+anything else takes the whole-image path, which reads (and refuses) the whole file.
 
 Whole-image decoding (simplejpeg, a manylinux wheel bundling libjpeg-turbo) is the fallback when the
 extension is not built, and `data.decoder=simplejpeg`. The scales: libjpeg-turbo scales by any k/8, but the
@@ -165,6 +165,13 @@ def resize_region(arr: np.ndarray, box: tuple[float, float, float, float], size:
     return _resize(rows, w * 3, window, box, size, gap)
 
 
+def _complete(data: bytes) -> bool:
+    """Whether the JPEG's last scan is followed by the EOI marker, i.e. the file was not cut short: the end of
+    the file for nearly every JPEG, after a trailer for some cameras' files. Entropy-coded data cannot hold
+    0xFFD9 or 0xFFDA (0xFF is stuffed), so an EOI after the last SOS marker is the real end of the image."""
+    return data.endswith(_EOI) or data.rfind(_EOI) > data.rfind(b"\xff\xda") > 0
+
+
 def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, int], size: int,
                 gap: float | None, path: str, scales: tuple[int, ...] = SCALES) -> Image.Image | None:
     """`box` of the JPEG `data` (full size `full`) resized to size x size: decoded at the smallest of `SCALES`
@@ -180,7 +187,7 @@ def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, in
     sbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     window = _window(sbox, size, sw, sh)
     x0, y0, x1, y1 = window
-    region = _region() if path in ("region", "region-only") and data.endswith(_EOI) else None
+    region = _region() if path in ("region", "region-only") and _complete(data) else None
     if region is not None and (path == "region-only" or not simplejpeg_available()
                                or (x1 - x0) * (y1 - y0) < REGION_MAX_AREA * sw * sh):
         try:  # one column more on each side: libjpeg upsamples a cropped span's edge columns differently
