@@ -48,7 +48,7 @@ static void on_message(j_common_ptr cinfo, int level) {
     }
 }
 
-static PyObject *decode_region(PyObject *self, PyObject *args) {
+static PyObject *decode_region(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data;
     int k, x0, y0, x1, y1;
     if (!PyArg_ParseTuple(args, "y*iiiii", &data, &k, &x0, &y0, &x1, &y1)) {
@@ -105,9 +105,12 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "empty region");
         return NULL;
     }
-    /* an upper bound (full scaled width); shrunk once the real crop width is known */
+    /* an upper bound of the row width, shrunk once the real one is known: jpeg_crop_scanline keeps the right
+     * edge and moves the left one down to an iMCU boundary (at most max_h_samp_factor (<= 4) x 8 px away) */
     const JDIMENSION rows = (JDIMENSION)(y1 - y0);
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)full_w * rows * 3);
+    JDIMENSION bound = (JDIMENSION)(x1 - x0) + 64;
+    if (bound > full_w) bound = full_w;
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound * rows * 3);
     if (out == NULL) {
         jpeg_destroy_decompress(&cinfo);
         PyBuffer_Release(&data);
@@ -123,6 +126,10 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     } else {
         xoffset = 0;
         width = full_w;
+    }
+    if (width > bound || xoffset + width > full_w) {
+        strcpy(err.message, "unexpected crop span");
+        longjmp(err.jump, 1);
     }
     if (y0 > 0) {
         JDIMENSION skipped = jpeg_skip_scanlines(&cinfo, (JDIMENSION)y0);
@@ -154,7 +161,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NIiIIII)", pixels, xoffset, y0, width, rows, full_w, full_h);
 }
 
-static PyObject *jpeg_size(PyObject *self, PyObject *args) {
+static PyObject *jpeg_size(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data;
     if (!PyArg_ParseTuple(args, "y*", &data)) {
         return NULL;
