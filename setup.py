@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = Path(__file__).parent
 version = {}
@@ -16,6 +16,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mycodist", "mycodist.*"]),
+    # Decodes only a training crop's region of a JPEG (mycodist/data/decode.py). Optional: it needs a C compiler
+    # and libjpeg-turbo's headers (Debian/Ubuntu: apt-get install libjpeg62-turbo-dev or libjpeg-turbo8-dev);
+    # without them the install goes on and the loader decodes whole images with simplejpeg.
+    ext_modules=[Extension("mycodist.data._jpegregion", ["mycodist/data/_jpegregion.c"],
+                           libraries=["jpeg"], optional=True)],
     package_data={"mycodist": ["serve/static/*", "reference/*.csv"]},
     data_files=[
         ("share/mycodist/configs", [str(p.relative_to(HERE)) for p in (HERE / "configs").glob("*.yaml")]),

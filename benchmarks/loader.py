@@ -1,21 +1,28 @@
 """Loader throughput: 224-px training crops from ~500-900 px JPEG shards, several ways, same data, same run.
 
 (a) mycodist's train loader (crop chosen first, scaled JPEG decode, batching in the workers), with its
-    default decoder (`data.decoder=auto`: simplejpeg) and (a'') with `data.decoder=pillow` (the Pillow path);
+    default decoder (`data.decoder=auto`: region decoding where mycodist's C extension is built, else
+    simplejpeg), (a') the same with uint8 output, (a-sj) with `data.decoder=simplejpeg` (whole-image decode,
+    the previous default) and (a'') with `data.decoder=pillow` (the Pillow path);
 (b) baseline: a plain webdataset pipeline, `.decode("pil")` + RandomResizedCrop done the usual way
     (crop and resize the fully decoded image) + flip + normalise, batched in the workers;
 (c) a class-folder Dataset over the same JPEGs (PIL full decode, same usual crop) with a DataLoader;
 (d) decode bounds: decoding alone, bytes in memory, at the scale each of (a)'s crops needs, in the same
-    number of processes, three ways: simplejpeg at the power-of-two scale (1/8..1) that covers the crop,
-    simplejpeg at the exact k/8 scale the crop needs, and Pillow's draft (1/2, 1/4, 1/8; the old bound).
-    `decode_bound` is the fastest of the three in this run (the most demanding denominator);
+    number of processes, several ways: simplejpeg decoding the whole image at the power-of-two scale
+    (1/8..1) that covers the crop; simplejpeg at the exact k/8 scale the crop needs; Pillow's draft
+    (1/2, 1/4, 1/8; the old bound); and region decoding at the power-of-two scale, i.e. only the rows and
+    columns (a)'s resize reads, as `data.decoder=auto` does it (crops covering >= 90 % of the image are
+    decoded whole by simplejpeg, which is as fast there).
+    `decode_bound` is the fastest of them in this run: "the fastest decoder's decode-only rate at the scale
+    each crop needs" (issue 15), the most demanding denominator; `decode_bound_is` names it and
+    `decode_bounds` lists every one;
     (d2) also Pillow's draft to 224 px on the shorter side, which no RandomResizedCrop pipeline can reach;
     (d3) crop bounds: the decode plus the one bilinear resize of each crop box to 224 px, i.e. the pixel
-    work any pipeline producing these crops must do, with no I/O, batching or normalisation (simplejpeg
-    as (a) does it, and Pillow's draft as before).
-`fraction_of_decode_bound` is (a) over `decode_bound`; `fraction_of_pillow_decode_bound` over the old
-Pillow bound; `fraction_of_crop_bound` says how much of the remaining gap is pipeline overhead rather
-than the unavoidable resize.
+    work any pipeline producing these crops must do, with no I/O, batching or normalisation (region
+    decoding, simplejpeg whole-image, and Pillow's draft; `crop_bound` is the fastest).
+`fraction_of_decode_bound` is (a) over `decode_bound`; `fraction_of_<name>_decode_bound` over each of the
+others; `fraction_of_crop_bound` says how much of the remaining gap is pipeline overhead rather than the
+unavoidable resize.
 
 Every variant uses the same worker count and batch size and runs whole epochs (worker start-up
 included), interleaved, `--repeats` times. Two figures per variant, best run kept:
@@ -50,7 +57,18 @@ from torch.utils.data import DataLoader, Dataset
 from mycodist.catalog import Species
 from mycodist.config import load_config
 from mycodist.data import DataSpec, make_train_loader
-from mycodist.data.decode import decode_scaled, jpeg_size, resize_region, scale_request
+from mycodist.data.decode import (
+    REGION_MAX_AREA,
+    SCALES,
+    _region,
+    _window,
+    decode_crop,
+    decode_scaled,
+    jpeg_size,
+    pick_scale,
+    region_available,
+    scale_request,
+)
 from mycodist.data.transforms import ImageConfig, crop_box
 from mycodist.shards import DatasetWriter, WriterSettings
 
@@ -178,11 +196,30 @@ def _decode_turbo_k8(i: int) -> int:
     return decode_scaled(_JPGS[i], w, h, *need, scales=tuple(range(1, 9))).shape[1]
 
 
-def _turbo_decode_and_crop(i: int) -> int:
+def _decode_region(i: int, scales: tuple[int, ...] = SCALES) -> int:
+    """Decode only the rows and columns of the crop's window (what the resize reads), as decode_crop does:
+    crops whose window covers >= REGION_MAX_AREA of the scaled image are decoded whole (as fast there)."""
     w, h, box, need = _turbo_request(i)
-    arr = decode_scaled(_JPGS[i], w, h, *need)
-    sx, sy = arr.shape[1] / w, arr.shape[0] / h
-    return resize_region(arr, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), SIZE, 2.0).size[0]
+    k = pick_scale(w, h, *need, scales)
+    sw, sh = -(-w * k // 8), -(-h * k // 8)
+    sx, sy = sw / w, sh / h
+    x0, y0, x1, y1 = _window((box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), SIZE, sw, sh)
+    if (x1 - x0) * (y1 - y0) >= REGION_MAX_AREA * sw * sh:
+        return decode_scaled(_JPGS[i], w, h, sw, sh, scales=(k,)).shape[1]
+    return _region().decode_region(_JPGS[i], k, x0 - 1, y0, x1 + 1, y1)[3]
+
+
+def _crop(i: int, path: str) -> int:
+    w, h, box, _ = _turbo_request(i)
+    return decode_crop(_JPGS[i], (w, h), box, SIZE, 2.0, path).size[0]
+
+
+def _crop_simplejpeg(i: int) -> int:
+    return _crop(i, "simplejpeg")
+
+
+def _crop_region(i: int) -> int:
+    return _crop(i, "region")
 
 
 def _decode_and_crop(i: int) -> int:
@@ -246,19 +283,27 @@ def main() -> None:
         mean_px = float(np.mean([Image.open(io.BytesIO(j)).size for j in jpgs]))
         print(f"data: {len(jpgs)} JPEGs, mean side {mean_px:.0f} px, {sum(map(len, jpgs)) / len(jpgs) / 1024:.0f} KiB "
               f"mean, made in {time.perf_counter() - t0:.1f} s")
+        region = region_available()
         variants = {
             "mycodist": lambda: run_mycodist(shards, args.workers, args.batch, "float"),
             "mycodist_uint8": lambda: run_mycodist(shards, args.workers, args.batch, "uint8"),
+            "mycodist_simplejpeg": lambda: run_mycodist(shards, args.workers, args.batch, "float", "simplejpeg"),
             "mycodist_pillow": lambda: run_mycodist(shards, args.workers, args.batch, "float", "pillow"),
             "webdataset_plain": lambda: run_wds(shards, args.workers, args.batch),
             "class_folder": lambda: run_folder(folders, args.workers, args.batch),
+            "decode_region_pow2": lambda: run_decode(jpgs, args.workers, _decode_region),
             "decode_simplejpeg_pow2": lambda: run_decode(jpgs, args.workers, _decode_turbo_pow2),
             "decode_simplejpeg_k8": lambda: run_decode(jpgs, args.workers, _decode_turbo_k8),
             "decode_bound_pillow": lambda: run_decode(jpgs, args.workers, _decode_with_crop_draft),
             "decode_draft_224": lambda: run_decode(jpgs, args.workers, _decode_with_fixed_draft),
-            "crop_bound": lambda: run_decode(jpgs, args.workers, _turbo_decode_and_crop),
+            "crop_region": lambda: run_decode(jpgs, args.workers, _crop_region),
+            "crop_simplejpeg": lambda: run_decode(jpgs, args.workers, _crop_simplejpeg),
             "crop_bound_pillow": lambda: run_decode(jpgs, args.workers, _decode_and_crop),
         }
+        if not region:
+            print("mycodist/data/_jpegregion.c is not built: no region-decoding variants")
+            for name in ("decode_region_pow2", "crop_region"):
+                del variants[name]
         probe = scale_probe(jpgs[:100]) if args.scale_probe else None
         if probe:
             print("simplejpeg CPU ms per image by scale:", probe)
@@ -273,12 +318,19 @@ def main() -> None:
                 wall[name] = max(wall.get(name, 0.0), n / secs)
                 print(f"repeat {r} {name:>18}: {n} images, {secs:.2f} s wall = {n / secs:.0f} img/s, "
                       f"{cpu:.2f} CPU s = {n / cpu:.0f} img/s per core")
-    decoders = ("decode_simplejpeg_pow2", "decode_simplejpeg_k8", "decode_bound_pillow")
+    decoders = [k for k in ("decode_region_pow2", "decode_simplejpeg_pow2", "decode_simplejpeg_k8",
+                            "decode_bound_pillow") if k in per_core]
     fastest = max(decoders, key=per_core.__getitem__)
     per_core["decode_bound"], wall["decode_bound"] = per_core[fastest], wall[fastest]
+    crops = [k for k in ("crop_region", "crop_simplejpeg") if k in per_core]
+    fastest_crop = max(crops, key=per_core.__getitem__)
+    per_core["crop_bound"], wall["crop_bound"] = per_core[fastest_crop], wall[fastest_crop]
     result: dict[str, object] = {f"{k}_img_s_per_core": round(v, 1) for k, v in per_core.items()}
     result.update({f"{k}_wall_img_s": round(v, 1) for k, v in wall.items()})
     result["decode_bound_is"] = fastest
+    result["decode_bounds"] = {k: round(per_core[k], 1) for k in decoders}
+    result["crop_bound_is"] = fastest_crop
+    result["region_decoder"] = region
     if probe:
         result["simplejpeg_ms_by_scale"] = probe
     result.update({
@@ -287,11 +339,14 @@ def main() -> None:
         "ratio_vs_wds": round(per_core["mycodist"] / per_core["webdataset_plain"], 2),
         "ratio_vs_class_folder": round(per_core["mycodist"] / per_core["class_folder"], 2),
         "fraction_of_decode_bound": round(per_core["mycodist"] / per_core["decode_bound"], 2),
-        "fraction_of_pillow_decode_bound": round(per_core["mycodist"] / per_core["decode_bound_pillow"], 2),
+        **{f"fraction_of_{k.removeprefix('decode_').removesuffix('_pow2').removeprefix('bound_')}_decode_bound":
+           round(per_core["mycodist"] / per_core[k], 2) for k in decoders},
         "fraction_of_crop_bound": round(per_core["mycodist"] / per_core["crop_bound"], 2),
         "fraction_of_pillow_crop_bound": round(per_core["mycodist"] / per_core["crop_bound_pillow"], 2),
         "pillow_path_ratio_vs_wds": round(per_core["mycodist_pillow"] / per_core["webdataset_plain"], 2),
         "speedup_vs_pillow_path": round(per_core["mycodist"] / per_core["mycodist_pillow"], 3),
+        "speedup_vs_simplejpeg_path": round(per_core["mycodist"] / per_core["mycodist_simplejpeg"], 3),
+        "simplejpeg_path_ratio_vs_wds": round(per_core["mycodist_simplejpeg"] / per_core["webdataset_plain"], 2),
         "uint8_ratio_vs_wds": round(per_core["mycodist_uint8"] / per_core["webdataset_plain"], 2),
         "uint8_fraction_of_decode_bound": round(per_core["mycodist_uint8"] / per_core["decode_bound"], 2),
         "wall_ratio_vs_wds": round(wall["mycodist"] / wall["webdataset_plain"], 2),

@@ -22,7 +22,7 @@ from mycodist.data.transforms import (
     to_output,
 )
 from mycodist.errors import UsageError
-from mycodist.preprocess import EvalPreprocess
+from mycodist.preprocess import EvalPreprocess, scale_shift
 
 
 def gradient_jpeg(w: int, h: int) -> bytes:
@@ -82,6 +82,45 @@ def test_float_output_is_normalised_nchw():
     u8 = to_output(x, ImageConfig(size=8, output="uint8", channels_last=True))
     assert u8.dtype == torch.uint8 and u8.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(normalize(u8, cfg.mean, cfg.std), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_output_conversion_is_torchs_arithmetic_bit_for_bit(dtype):
+    """to_output converts with numpy (faster); the values are exactly torch's per-channel mul then sub."""
+    cfg = ImageConfig(size=16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 16, 16, 3), dtype=torch.uint8, generator=g)  # every value in every channel
+    if dtype == torch.float32:
+        x = x.float() + torch.rand(x.shape, generator=g)  # after jitter or mixing: float 0..255
+    scale, shift = scale_shift(cfg.mean, cfg.std)
+    want = torch.stack([torch.mul(x[..., c], scale[c]).sub_(shift[c]) for c in range(3)], dim=1)
+    for shared in (False, True):
+        got = to_output(x, cfg, shared)
+        assert got.is_contiguous() and got.is_shared() == shared and torch.equal(got, want)
+        cl = to_output(x, ImageConfig(size=16, channels_last=True), shared)
+        assert cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(cl, want, atol=1e-5)
+        u8 = to_output(x, ImageConfig(size=16, output="uint8"), shared)
+        assert u8.is_contiguous() and u8.dtype == torch.uint8
+        assert torch.equal(u8, x.permute(0, 3, 1, 2).round().clamp(0, 255).to(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_large_private_batches_come_from_their_own_mapping_and_stay_alive(fmt):
+    import gc
+
+    from mycodist.data.transforms import empty_batch
+
+    shape = (8, 3, 224, 224)  # 4.8 MB of float: above the huge-page threshold
+    x = empty_batch(shape, torch.float32, False, fmt)
+    assert x.shape == shape and x.is_contiguous(memory_format=fmt) and not x.is_shared()
+    x.fill_(2.0)
+    view = x[1:3]
+    del x
+    gc.collect()
+    assert torch.equal(view, torch.full((2, 3, 224, 224), 2.0)) and view.clone().sum() == 2 * 3 * 224 * 224 * 2
+    small = empty_batch((2, 3, 8, 8), torch.uint8, False, fmt)
+    assert small.is_contiguous(memory_format=fmt) and not small.is_shared()
+    assert empty_batch(shape, torch.uint8, True, fmt).is_shared()
 
 
 def test_color_jitter_keeps_range_and_zero_strength_is_identity():

@@ -1,20 +1,34 @@
-"""JPEG decoding through libjpeg-turbo (simplejpeg) for training crops; Pillow for everything else.
+"""JPEG decoding through libjpeg-turbo for training crops: only the crop's region where it pays; Pillow for the rest.
 
-libjpeg-turbo scales by k/8 (k = 1..8) inside the inverse DCT; simplejpeg, a manylinux wheel that bundles
-it, exposes that as "the smallest scale whose image is at least min_width x min_height". Measured on the
-loader benchmark's photos (docs/performance.md), the scales 3/8, 5/8, 6/8 and 7/8 decode *slower* than the
-next power of two up (their IDCTs and chroma upsampling have no SIMD code), and a crop needing 5/8-7/8
-is cheaper decoded in full and resized: so crops are decoded at the smallest of `SCALES` that covers them,
-the same set as Pillow's draft mode. What is gained over Pillow: a faster decode at each scale, only the
-crop's region copied into Pillow for the resize, and a scale chosen from the rounded-up scaled size
-(Pillow's draft rounds down and sometimes decodes 2x larger than needed). Decoding to RGBX, which Pillow
-could wrap without a copy, was tried: Pillow's resize of 4-band images is ~20 % slower and ate the gain.
-simplejpeg's defaults are Pillow's (accurate integer IDCT, fancy chroma upsampling): at the same scale both
-give identical pixels.
+Region decoding (`_jpegregion`, a small C extension over libjpeg-turbo's classic API, built when a compiler
+and libjpeg-turbo's headers are present: Debian's libjpeg62-turbo-dev): the JPEG is decoded at a
+power-of-two scale k/8 inside the inverse DCT, `jpeg_crop_scanline` limits the inverse DCT, chroma
+upsampling and colour conversion to the iMCU columns around the crop, `jpeg_skip_scanlines` passes over the
+rows above it without inverse DCT, and decoding stops after its last row. Rows above the crop still have to
+be entropy-decoded (a baseline JPEG has no index), so the saving is the rows below the crop plus the inverse
+DCT and colour work outside it: measured on the loader benchmark's photos, a crop window covering 10-20 % of
+the scaled image decodes in ~0.53 of the whole-image time, 50-60 % in ~0.84, and from ~90 % the whole-image
+decode through simplejpeg is as fast or faster (`REGION_MAX_AREA`; docs/performance.md).
 
-Decoding only the crop's region (TurboJPEG 3's cropping region) would save more on small crops, but no
-Python binding of it runs on Debian's libturbojpeg 2.1 (PyTurboJPEG 2 requires TurboJPEG 3), so it is not
-used. Anything simplejpeg cannot read (PNG, WebP, CMYK JPEG, ...) returns None and goes to Pillow.
+The pixels are those of a whole-image decode at the same scale, bit for bit: libjpeg's fancy (triangle)
+upsampling of 4:2:2/4:2:0 chroma treats a cropped span's first and last columns as image edges, so the
+region asked for is one column wider on each side than the resize reads, and those edge columns are never
+used (tests/test_data_decode.py checks the equality on 4:4:4, 4:2:2 and 4:2:0, baseline and progressive, at
+every scale). Decoding stops after the crop, so a file truncated below it would decode; to keep a truncated
+file a bad sample, region decoding is used only when the EOI marker follows the last scan (`_complete`), and
+anything else takes the whole-image path, which reads (and refuses) the whole file.
+
+Whole-image decoding (simplejpeg, a manylinux wheel bundling libjpeg-turbo) is the fallback when the
+extension is not built, and `data.decoder=simplejpeg`. The scales: libjpeg-turbo scales by any k/8, but the
+3/8, 5/8, 6/8 and 7/8 inverse DCTs and chroma upsampling have no SIMD code and decode *slower* than the
+next power of two up, for whole images and regions alike, so crops are decoded at the smallest of `SCALES`
+that covers them, chosen from the rounded-up scaled size (Pillow's draft rounds down and sometimes decodes
+2x larger than needed). Either way only the crop window is handed to Pillow for the one bilinear resize.
+Decoding to RGBX, which Pillow could wrap without a copy, was tried: Pillow's resize of 4-band images is
+~20 % slower and ate the gain. Decoding settings are libjpeg's defaults, which are Pillow's and
+simplejpeg's (accurate integer IDCT, fancy chroma upsampling): at the same scale all give identical pixels.
+
+Anything neither can read (PNG, WebP, CMYK JPEG, ...) returns None and goes to Pillow.
 """
 
 from __future__ import annotations
@@ -26,8 +40,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-DECODERS = ("auto", "simplejpeg", "pillow")
+DECODERS = ("auto", "region", "simplejpeg", "pillow")
 SCALES = (1, 2, 4, 8)  # eighths: the scales that pay (module docstring); range(1, 9) would be every scale
+# auto: region-decode when the crop window covers less than this share of the scaled image, else whole-image
+REGION_MAX_AREA = 0.9
+_EOI = b"\xff\xd9"
+
+
+@functools.lru_cache(maxsize=1)
+def _region() -> Any | None:
+    try:
+        from mycodist.data import _jpegregion
+    except ImportError:  # not built: no compiler or no libjpeg-turbo headers at install time
+        return None
+    return _jpegregion
+
+
+def region_available() -> bool:
+    return _region() is not None
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,16 +73,30 @@ def simplejpeg_available() -> bool:
     return _simplejpeg() is not None
 
 
-def use_simplejpeg(decoder: str) -> bool:
-    """`data.decoder` → whether training crops go through simplejpeg (auto: when it is installed)."""
-    return decoder == "simplejpeg" or (decoder == "auto" and simplejpeg_available())
+def turbo_path(decoder: str) -> str | None:
+    """`data.decoder` → how training crops are decoded: "region" (region decoding, whole-image simplejpeg for
+    crops covering most of the image), "region-only", "simplejpeg" (whole image) or None (Pillow). auto takes
+    the fastest installed."""
+    if decoder == "region":
+        return "region-only" if region_available() else None
+    if decoder == "simplejpeg":
+        return "simplejpeg" if simplejpeg_available() else None
+    if decoder == "auto":
+        return "region" if region_available() else "simplejpeg" if simplejpeg_available() else None
+    return None
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG header, or None when simplejpeg cannot decode this file."""
+    """(width, height) from a JPEG header, or None when libjpeg cannot decode this file to RGB."""
     sj = _simplejpeg()
     if sj is None:
-        return None
+        region = _region()
+        if region is None:
+            return None
+        try:
+            return region.jpeg_size(data)
+        except (ValueError, TypeError):
+            return None
     try:
         height, width, colorspace, _ = sj.decode_jpeg_header(data)
     except (ValueError, TypeError):
@@ -90,6 +134,24 @@ def decode_scaled(data: bytes, width: int, height: int, min_width: int, min_heig
         return None
 
 
+def _window(box: tuple[float, float, float, float], size: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """The columns and rows (x0, y0, x1, y1) of a w x h image that resizing `box` to size x size reads:
+    the box plus the bilinear filter's reach and a margin."""
+    pad = math.ceil(max((box[2] - box[0]) / size, (box[3] - box[1]) / size, 1.0)) + 2
+    return (max(int(box[0]) - pad, 0), max(int(box[1]) - pad, 0),
+            min(math.ceil(box[2]) + pad, w), min(math.ceil(box[3]) + pad, h))
+
+
+def _resize(pixels: Any, stride: int, window: tuple[int, int, int, int], box: tuple[float, float, float, float],
+            size: int, gap: float | None) -> Image.Image:
+    """Pillow's bilinear resize of `box` to size x size; `pixels` holds the window's RGB rows (`stride`
+    bytes apart, starting at the window's first pixel); the box is in the coordinates of the whole image."""
+    x0, y0, x1, y1 = window
+    img = Image.frombuffer("RGB", (x1 - x0, y1 - y0), pixels, "raw", "RGB", stride, 1)
+    shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    return img.resize((size, size), Image.BILINEAR, box=shifted, reducing_gap=gap)
+
+
 def resize_region(arr: np.ndarray, box: tuple[float, float, float, float], size: int,
                   gap: float | None) -> Image.Image:
     """Pillow's bilinear resize of `box` of an RGB array to size x size, handing Pillow only the box's rows and
@@ -98,10 +160,45 @@ def resize_region(arr: np.ndarray, box: tuple[float, float, float, float], size:
     the shifted box rounds the filter's sample positions differently and pixels differ by 1 level (in up
     to a fifth of the pixels; never by more, tests/test_data_decode.py)."""
     h, w = arr.shape[:2]
-    pad = math.ceil(max((box[2] - box[0]) / size, (box[3] - box[1]) / size, 1.0)) + 2
-    x0, y0 = max(int(box[0]) - pad, 0), max(int(box[1]) - pad, 0)
-    x1, y1 = min(math.ceil(box[2]) + pad, w), min(math.ceil(box[3]) + pad, h)
-    rows = memoryview(np.ascontiguousarray(arr)).cast("B")[(y0 * w + x0) * 3:]
-    img = Image.frombuffer("RGB", (x1 - x0, y1 - y0), rows, "raw", "RGB", w * 3, 1)
-    shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-    return img.resize((size, size), Image.BILINEAR, box=shifted, reducing_gap=gap)
+    window = _window(box, size, w, h)
+    rows = memoryview(np.ascontiguousarray(arr)).cast("B")[(window[1] * w + window[0]) * 3:]
+    return _resize(rows, w * 3, window, box, size, gap)
+
+
+def _complete(data: bytes) -> bool:
+    """Whether the JPEG's last scan is followed by the EOI marker, i.e. the file was not cut short: the end of
+    the file for nearly every JPEG, after a trailer for some cameras' files. Entropy-coded data cannot hold
+    0xFFD9 or 0xFFDA (0xFF is stuffed), so an EOI after the last SOS marker is the real end of the image."""
+    return data.endswith(_EOI) or data.rfind(_EOI) > data.rfind(b"\xff\xda") > 0
+
+
+def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, int], size: int,
+                gap: float | None, path: str, scales: tuple[int, ...] = SCALES) -> Image.Image | None:
+    """`box` of the JPEG `data` (full size `full`) resized to size x size: decoded at the smallest of `SCALES`
+    that keeps the box >= size px, by region or whole-image decoding (`path`, from `turbo_path`), then
+    `_resize` of the window. Region and whole-image decoding give identical pixels (module docstring); against
+    Pillow's path the resize of the shifted window differs by at most 1 level (`resize_region`), and where
+    Pillow's draft rounds down and decodes at twice the scale, the IDCT does part of the shrinking. None
+    when libjpeg refuses the data (the caller then takes Pillow's path)."""
+    width, height = full
+    k = pick_scale(width, height, *scale_request(width, height, box, size), scales)
+    sw, sh = -(-width * k // 8), -(-height * k // 8)  # libjpeg's scaled size (rounded up)
+    sx, sy = sw / width, sh / height
+    sbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    window = _window(sbox, size, sw, sh)
+    x0, y0, x1, y1 = window
+    region = _region() if path in ("region", "region-only") and _complete(data) else None
+    if region is not None and (path == "region-only" or not simplejpeg_available()
+                               or (x1 - x0) * (y1 - y0) < REGION_MAX_AREA * sw * sh):
+        try:  # one column more on each side: libjpeg upsamples a cropped span's edge columns differently
+            got = region.decode_region(data, k, x0 - 1, y0, x1 + 1, y1)
+        except (ValueError, TypeError):
+            got = None
+        if got is not None:
+            pixels, rx, _, rw, _, fw, fh = got
+            if (fw, fh) == (sw, sh):
+                return _resize(memoryview(pixels)[(x0 - rx) * 3:], rw * 3, window, sbox, size, gap)
+    arr = decode_scaled(data, width, height, sw, sh, scales=(k,))
+    if arr is None or arr.shape[:2] != (sh, sw):
+        return None
+    return resize_region(arr, sbox, size, gap)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -31,6 +33,76 @@ def _key_and_ext(name: str) -> tuple[str | None, str | None]:
     return split_member(name) or (None, None)
 
 
+_USTAR = b"ustar\x0000"  # POSIX ustar magic + version, what DatasetWriter writes
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names
+_ENCODING = sys.getfilesystemencoding()  # tarfile's default for member names
+
+
+class _Irregular(Exception):
+    """Something in the archive that the plain reader leaves to tarfile."""
+
+
+def _plain_members(stream, url: str) -> Iterator[dict[str, Any]]:
+    """The regular members of an uncompressed POSIX ustar archive as webdataset's `tar_file_expander` yields
+    them (`fname`, `data`, `__url__`, then `{}` at the end), read straight from the file: Python's tarfile
+    spends ~65 us per member parsing headers in stream mode (~0.2 ms per 3-member sample). Raises
+    `_Irregular` at the first header it does not handle exactly as tarfile would: another format or type
+    (pax, GNU, links), a bad or signed checksum, a base-256 size, a short read (a truncated shard)."""
+    read = stream.read
+    while True:
+        header = read(512)
+        if len(header) < 512:
+            raise _Irregular("short header")
+        if header.count(0) == 512:  # end of archive
+            yield {}
+            return
+        if header[257:265] != _USTAR:
+            raise _Irregular("not ustar")
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            chksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise _Irregular("bad number") from None
+        if header[124] & 0x80 or chksum != 256 + sum(header) - sum(header[148:156]):
+            raise _Irregular("base-256 size or checksum")
+        flag = header[156:157]
+        name = header[:100].split(b"\0", 1)[0].decode(_ENCODING, "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0].decode(_ENCODING, "surrogateescape")
+        if prefix:
+            name = prefix + "/" + name
+        padded = -(-size // 512) * 512
+        if flag == b"5":  # a directory: not a sample file
+            if padded and len(read(padded)) < padded:
+                raise _Irregular("short directory")
+            continue
+        if flag not in (b"0", b"\0") or name.endswith("/"):
+            raise _Irregular("not a regular file")
+        data = read(size)
+        if len(data) < size or (padded > size and len(read(padded - size)) < padded - size):
+            raise _Irregular("short member")
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
+            continue
+        yield {"fname": name, "data": data, "__url__": url}
+
+
+def _tar_members(stream, url: str, handler) -> Iterator[dict[str, Any]]:
+    """webdataset's `tar_file_expander` over one opened shard, through `_plain_members` where the shard is a
+    seekable plain ustar file. At anything irregular it starts again with tarfile from the beginning and skips
+    the members already given, which tarfile reads identically: the samples, errors and losses are tarfile's."""
+    given = 0
+    if getattr(stream, "seekable", lambda: False)() and stream.tell() == 0:
+        try:
+            for member in _plain_members(stream, url):
+                yield member
+                given += 1
+            return
+        except _Irregular:
+            stream.seek(0)
+    for i, member in enumerate(tar_file_expander([{"url": url, "stream": stream}], handler=handler)):
+        if i >= given:
+            yield member
+
+
 def read_piece(piece: Piece, stats: Counter) -> Iterator[Sample]:
     """Samples [begin, end) of a shard; what the shard cannot deliver is counted, not raised."""
     url = piece.shard.url
@@ -48,7 +120,7 @@ def read_piece(piece: Piece, stats: Counter) -> Iterator[Sample]:
 
     index = 0
     try:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=keep_going)
+        files = _tar_members(stream, url, keep_going)
         for sample in group_by_keys(files, keys=_key_and_ext, handler=keep_going):
             if index >= piece.end:
                 break
