@@ -238,13 +238,16 @@ def main() -> None:
             lat: dict[str, list[float]] = {m: [] for m in servers}
             rps: dict[str, list[float]] = {m: [] for m in servers}
             cpu = dict.fromkeys(servers, 0.0)
+            client_cpu, walls = dict.fromkeys(servers, 0.0), dict.fromkeys(servers, 0.0)  # the load generator's share
             for _, url in servers.values():
                 asyncio.run(drive(url, data, args.clients, args.warmup))
             for _ in range(args.rounds):
                 for mode, (proc, url) in servers.items():
-                    c0 = cpu_seconds(proc.pid)
+                    c0, own0 = cpu_seconds(proc.pid), own_cpu()
                     got, wall = asyncio.run(drive(url, data, args.clients, args.requests // args.rounds))
                     cpu[mode] += cpu_seconds(proc.pid) - c0
+                    client_cpu[mode] += own_cpu() - own0
+                    walls[mode] += wall
                     lat[mode] += got
                     rps[mode].append(len(got) / wall)
                     bound[mode].sample(args.offline_repeats)
@@ -256,6 +259,12 @@ def main() -> None:
             for proc, _ in servers.values():
                 proc.wait(60)
     modes = {m: {**summary(lat[m], rps[m], cpu[m], served[m]), "offline": bound[m].summary()} for m in servers}
+    cores = len(os.sched_getaffinity(0))
+    for name, m in modes.items():
+        n = max(1, m["requests"])
+        # the clients run on the same cores: their CPU is what the wall ratio pays beyond the server's own
+        m["client_cpu_ms_per_request"] = round(1000 * client_cpu[name] / n, 1)
+        m["cores_busy_frac"] = round((cpu[name] + client_cpu[name]) / max(walls[name] * cores, 1e-9), 3)
     for m in modes.values():
         m["served_vs_offline"] = round(m["rps"] / m["offline"]["img_s"], 3)
         # the same comparison in CPU time, which other jobs on the machine do not distort
