@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from train_util import make_shards
 
 from mycodist.config import load_config
 from mycodist.devices import pick_device_index
@@ -173,11 +172,6 @@ def test_accelerate_gpu_configs_leave_clipping_and_precision_to_our_keys():
 
 # --- the step loop: no host read-backs outside log/eval/checkpoint steps ------------------------------------
 READBACKS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("gpu_path_shards") / "shards")
 
 
 def _trainer(shards: Path, run_dir: Path, *overrides: str):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from multinode_util import BASE_ENV, Nodes, rank_pids, run_nodes, wait_for
-from train_util import REPO, TINY, assert_trained_together, make_shards, train_losses
+from train_util import REPO, TINY, assert_trained_together, train_losses
 
 from mycodist.train.cli import free_port
 
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.slow
 WATCHDOG_LINE = re.compile(r"mycodist watchdog: rank 0 on \S+ \(node 0\) waited \d+ s in (.+?) at step (\d+) "
                            r"\(train\.dist_timeout=30 s\)")
 RUN = ("train.epochs=2", "train.ckpt_every=3", "train.export=false")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("mn_shards") / "shards")
 
 
 @pytest.fixture(scope="module")

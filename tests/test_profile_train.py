@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
-from train_util import assert_trained_together, make_shards, train
+from train_util import assert_trained_together, train
 
 from mycodist.config import load_config
 from mycodist.models import build_model
@@ -23,11 +23,6 @@ from mycodist.profile import theory_bytes_per_step
 # order there and broadcasts)
 WINDOW = ["train.epochs=1", "train.export=false", "profile.enabled=true", "profile.start=2", "profile.every=100",
           "profile.steps=2"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("profile_train_shards") / "shards")
 
 
 def trainable_numels(shards: Path) -> tuple[list[int], list[int]]:

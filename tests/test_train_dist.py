@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_util import REPO, TINY, assert_export_matches_live, assert_trained_together, make_shards, train, train_losses
+from train_util import REPO, TINY, assert_export_matches_live, assert_trained_together, train, train_losses
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("train_shards") / "shards")
 
 
 @pytest.fixture(scope="session")

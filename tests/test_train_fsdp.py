@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from multinode_util import rank_pids
-from train_util import REPO, TINY, assert_export_matches_live, assert_trained_together, make_shards, train, train_losses
+from train_util import REPO, TINY, assert_export_matches_live, assert_trained_together, train, train_losses
 
 from mycodist.config import load_config
 from mycodist.models import build_model
@@ -26,11 +26,6 @@ from mycodist.train.cli import free_port
 pytestmark = pytest.mark.slow
 FSDP = ("train.engine=fsdp", "train.epochs=2", "train.ckpt_every=3")
 PROFILE = ("profile.enabled=true", "profile.start=2", "profile.every=100", "profile.steps=2")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("fsdp_shards") / "shards")
 
 
 @pytest.fixture(scope="module")
