@@ -19,8 +19,11 @@ setup(
     # Decodes only a training crop's region of a JPEG (mycodist/data/decode.py). Optional: it needs a C compiler
     # and libjpeg-turbo's headers (Debian/Ubuntu: apt-get install libjpeg62-turbo-dev or libjpeg-turbo8-dev);
     # without them the install goes on and the loader decodes whole images with simplejpeg.
+    # The crop's resize (mycodist/data/_resample.c): optional too (a C compiler); without it Pillow resizes.
     ext_modules=[Extension("mycodist.data._jpegregion", ["mycodist/data/_jpegregion.c"],
-                           libraries=["jpeg"], optional=True)],
+                           libraries=["jpeg"], optional=True),
+                 Extension("mycodist.data._resample", ["mycodist/data/_resample.c"],
+                           extra_compile_args=["-O3"], optional=True)],
     package_data={"mycodist": ["serve/static/*", "reference/*.csv"]},
     data_files=[
         ("share/mycodist/configs", [str(p.relative_to(HERE)) for p in (HERE / "configs").glob("*.yaml")]),

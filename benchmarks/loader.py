@@ -19,7 +19,10 @@
     (d2) also Pillow's draft to 224 px on the shorter side, which no RandomResizedCrop pipeline can reach;
     (d3) crop bounds: the decode plus the one bilinear resize of each crop box to 224 px, i.e. the pixel
     work any pipeline producing these crops must do, with no I/O, batching or normalisation (region
-    decoding, simplejpeg whole-image, and Pillow's draft; `crop_bound` is the fastest).
+    decoding, simplejpeg whole-image, and Pillow's draft, with mycodist's C resize where built and, for
+    region decoding, also with Pillow's; `crop_bound` is the fastest).
+(a-pr) mycodist with `data.resize=pillow` (Pillow's resize after region decoding, the previous default):
+    `speedup_vs_pillow_resize` is what mycodist/data/_resample.c buys in the loader.
 `fraction_of_decode_bound` is (a) over `decode_bound`; `fraction_of_<name>_decode_bound` over each of the
 others; `fraction_of_crop_bound` says how much of the remaining gap is pipeline overhead rather than the
 unavoidable resize.
@@ -67,6 +70,7 @@ from mycodist.data.decode import (
     jpeg_size,
     pick_scale,
     region_available,
+    resample_available,
     scale_request,
 )
 from mycodist.data.transforms import ImageConfig, crop_box
@@ -134,9 +138,11 @@ def time_loader(loader) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def run_mycodist(shards: Path, workers: int, batch: int, output: str, decoder: str = "auto") -> tuple[float, int]:
+def run_mycodist(shards: Path, workers: int, batch: int, output: str, decoder: str = "auto",
+                 resize: str = "auto") -> tuple[float, int]:
     cfg = load_config(None, [f"data.shards={shards}", f"data.workers={workers}", f"train.batch_size={batch}",
-                             f"data.output={output}", "data.epoch_remainder=wrap", f"data.decoder={decoder}"])
+                             f"data.output={output}", "data.epoch_remainder=wrap", f"data.decoder={decoder}",
+                             f"data.resize={resize}"])
     return time_loader(make_train_loader(cfg, 0, 1, spec=DataSpec.from_config(cfg)))
 
 
@@ -209,9 +215,9 @@ def _decode_region(i: int, scales: tuple[int, ...] = SCALES) -> int:
     return _region().decode_region(_JPGS[i], k, x0 - 1, y0, x1 + 1, y1)[3]
 
 
-def _crop(i: int, path: str) -> int:
+def _crop(i: int, path: str, fast_resize: bool = True) -> int:
     w, h, box, _ = _turbo_request(i)
-    return decode_crop(_JPGS[i], (w, h), box, SIZE, 2.0, path).size[0]
+    return decode_crop(_JPGS[i], (w, h), box, SIZE, 2.0, path, fast_resize=fast_resize).shape[0]
 
 
 def _crop_simplejpeg(i: int) -> int:
@@ -220,6 +226,10 @@ def _crop_simplejpeg(i: int) -> int:
 
 def _crop_region(i: int) -> int:
     return _crop(i, "region")
+
+
+def _crop_region_pillow_resize(i: int) -> int:
+    return _crop(i, "region", fast_resize=False)
 
 
 def _decode_and_crop(i: int) -> int:
@@ -289,6 +299,7 @@ def main() -> None:
             "mycodist_uint8": lambda: run_mycodist(shards, args.workers, args.batch, "uint8"),
             "mycodist_simplejpeg": lambda: run_mycodist(shards, args.workers, args.batch, "float", "simplejpeg"),
             "mycodist_pillow": lambda: run_mycodist(shards, args.workers, args.batch, "float", "pillow"),
+            "mycodist_pillow_resize": lambda: run_mycodist(shards, args.workers, args.batch, "float", resize="pillow"),
             "webdataset_plain": lambda: run_wds(shards, args.workers, args.batch),
             "class_folder": lambda: run_folder(folders, args.workers, args.batch),
             "decode_region_pow2": lambda: run_decode(jpgs, args.workers, _decode_region),
@@ -297,13 +308,17 @@ def main() -> None:
             "decode_bound_pillow": lambda: run_decode(jpgs, args.workers, _decode_with_crop_draft),
             "decode_draft_224": lambda: run_decode(jpgs, args.workers, _decode_with_fixed_draft),
             "crop_region": lambda: run_decode(jpgs, args.workers, _crop_region),
+            "crop_region_pillow_resize": lambda: run_decode(jpgs, args.workers, _crop_region_pillow_resize),
             "crop_simplejpeg": lambda: run_decode(jpgs, args.workers, _crop_simplejpeg),
             "crop_bound_pillow": lambda: run_decode(jpgs, args.workers, _decode_and_crop),
         }
         if not region:
             print("mycodist/data/_jpegregion.c is not built: no region-decoding variants")
-            for name in ("decode_region_pow2", "crop_region"):
+            for name in ("decode_region_pow2", "crop_region", "crop_region_pillow_resize"):
                 del variants[name]
+        if not resample_available():
+            print("mycodist/data/_resample.c is not built: Pillow resizes in every variant")
+            del variants["mycodist_pillow_resize"], variants["crop_region_pillow_resize"]
         probe = scale_probe(jpgs[:100]) if args.scale_probe else None
         if probe:
             print("simplejpeg CPU ms per image by scale:", probe)
@@ -322,7 +337,7 @@ def main() -> None:
                             "decode_bound_pillow") if k in per_core]
     fastest = max(decoders, key=per_core.__getitem__)
     per_core["decode_bound"], wall["decode_bound"] = per_core[fastest], wall[fastest]
-    crops = [k for k in ("crop_region", "crop_simplejpeg") if k in per_core]
+    crops = [k for k in ("crop_region", "crop_simplejpeg", "crop_region_pillow_resize") if k in per_core]
     fastest_crop = max(crops, key=per_core.__getitem__)
     per_core["crop_bound"], wall["crop_bound"] = per_core[fastest_crop], wall[fastest_crop]
     result: dict[str, object] = {f"{k}_img_s_per_core": round(v, 1) for k, v in per_core.items()}
@@ -331,6 +346,11 @@ def main() -> None:
     result["decode_bounds"] = {k: round(per_core[k], 1) for k in decoders}
     result["crop_bound_is"] = fastest_crop
     result["region_decoder"] = region
+    result["c_resize"] = resample_available()
+    if "mycodist_pillow_resize" in per_core:
+        result["speedup_vs_pillow_resize"] = round(per_core["mycodist"] / per_core["mycodist_pillow_resize"], 3)
+        result["fraction_of_pillow_resize_crop_bound"] = round(
+            per_core["mycodist"] / per_core["crop_region_pillow_resize"], 2)
     if probe:
         result["simplejpeg_ms_by_scale"] = probe
     result.update({

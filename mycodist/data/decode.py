@@ -23,9 +23,10 @@ extension is not built, and `data.decoder=simplejpeg`. The scales: libjpeg-turbo
 3/8, 5/8, 6/8 and 7/8 inverse DCTs and chroma upsampling have no SIMD code and decode *slower* than the
 next power of two up, for whole images and regions alike, so crops are decoded at the smallest of `SCALES`
 that covers them, chosen from the rounded-up scaled size (Pillow's draft rounds down and sometimes decodes
-2x larger than needed). Either way only the crop window is handed to Pillow for the one bilinear resize.
-Decoding to RGBX, which Pillow could wrap without a copy, was tried: Pillow's resize of 4-band images is
-~20 % slower and ate the gain. Decoding settings are libjpeg's defaults, which are Pillow's and
+2x larger than needed). Either way only the crop window is resized, once, straight into the batch slot: by
+`_resample` (mycodist/data/_resample.c, Pillow's antialiased bilinear filter evaluated ~3.5x faster, within one
+level of Pillow's pixels; built with any C compiler) or, without it, by Pillow (decoding to RGBX, which Pillow
+could wrap without a copy, was tried: Pillow's resize of 4-band images is ~20 % slower and ate the gain). Decoding settings are libjpeg's defaults, which are Pillow's and
 simplejpeg's (accurate integer IDCT, fancy chroma upsampling): at the same scale all give identical pixels.
 
 Anything neither can read (PNG, WebP, CMYK JPEG, ...) returns None and goes to Pillow.
@@ -41,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 DECODERS = ("auto", "region", "simplejpeg", "pillow")
+RESIZES = ("auto", "fast", "pillow")  # data.resize: the train crop's resize after libjpeg-turbo decoding
 SCALES = (1, 2, 4, 8)  # eighths: the scales that pay (module docstring); range(1, 9) would be every scale
 # auto: region-decode when the crop window covers less than this share of the scaled image, else whole-image
 REGION_MAX_AREA = 0.9
@@ -58,6 +60,19 @@ def _region() -> Any | None:
 
 def region_available() -> bool:
     return _region() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _resample() -> Any | None:
+    try:
+        from mycodist.data import _resample
+    except ImportError:  # not built: no C compiler at install time
+        return None
+    return _resample
+
+
+def resample_available() -> bool:
+    return _resample() is not None
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,27 +157,46 @@ def _window(box: tuple[float, float, float, float], size: int, w: int, h: int) -
             min(math.ceil(box[2]) + pad, w), min(math.ceil(box[3]) + pad, h))
 
 
+def _pillow_reduces(box: tuple[float, float, float, float], size: int, gap: float | None) -> bool:
+    """Whether Pillow's resize would first shrink by an integer factor (`reducing_gap`), as Image.resize decides."""
+    if gap is None:
+        return False
+    return int((box[2] - box[0]) / size / gap) > 1 or int((box[3] - box[1]) / size / gap) > 1
+
+
 def _resize(pixels: Any, stride: int, window: tuple[int, int, int, int], box: tuple[float, float, float, float],
-            size: int, gap: float | None) -> Image.Image:
-    """Pillow's bilinear resize of `box` to size x size; `pixels` holds the window's RGB rows (`stride`
-    bytes apart, starting at the window's first pixel); the box is in the coordinates of the whole image."""
+            size: int, gap: float | None, flip: bool, out: np.ndarray | None, fast_resize: bool = True) -> np.ndarray:
+    """The bilinear resize of `box` to size x size, mirrored if `flip`, into `out` (a batch slot) when given;
+    `pixels` holds the window's RGB rows (`stride` bytes apart, starting at the window's first pixel); the box
+    is in the coordinates of the whole image. The C resize (`_resample`: Pillow's filter, ~3.5x faster, within
+    one level of Pillow's pixels) where it is built, asked for (`fast_resize`) and Pillow would not first
+    reduce; Pillow otherwise."""
     x0, y0, x1, y1 = window
-    img = Image.frombuffer("RGB", (x1 - x0, y1 - y0), pixels, "raw", "RGB", stride, 1)
     shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-    return img.resize((size, size), Image.BILINEAR, box=shifted, reducing_gap=gap)
+    fast = _resample() if fast_resize else None
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
+    if fast is not None and not _pillow_reduces(shifted, size, gap) and fast.resize_box(
+            pixels, stride, x1 - x0, y1 - y0, *shifted, out, size, size, flip):
+        return out
+    img = Image.frombuffer("RGB", (x1 - x0, y1 - y0), pixels, "raw", "RGB", stride, 1)
+    img = img.resize((size, size), Image.BILINEAR, box=shifted, reducing_gap=gap)
+    if flip:  # Pillow mirrors a 224-px crop in ~20 us; copying a reversed numpy view costs ~150 us
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    np.copyto(out, np.asarray(img, dtype=np.uint8))
+    return out
 
 
-def resize_region(arr: np.ndarray, box: tuple[float, float, float, float], size: int,
-                  gap: float | None) -> Image.Image:
-    """Pillow's bilinear resize of `box` of an RGB array to size x size, handing Pillow only the box's rows and
-    columns (plus the filter's reach): Pillow copies what it is given into its own 4-byte pixels, and the
-    rest of the photo is never read. The same pixels as resizing the whole array for most boxes; for some,
-    the shifted box rounds the filter's sample positions differently and pixels differ by 1 level (in up
-    to a fifth of the pixels; never by more, tests/test_data_decode.py)."""
+def resize_region(arr: np.ndarray, box: tuple[float, float, float, float], size: int, gap: float | None,
+                  flip: bool = False, out: np.ndarray | None = None, fast_resize: bool = True) -> np.ndarray:
+    """`_resize` of `box` of an RGB array, handing the resize only the box's rows and columns (plus the
+    filter's reach): the rest of the photo is never read. Pillow's pixels on the window are those of resizing the
+    whole array for most boxes; for some, the shifted box rounds the filter's sample positions differently and
+    pixels differ by 1 level (in up to a fifth of the pixels; never by more, tests/test_data_decode.py)."""
     h, w = arr.shape[:2]
     window = _window(box, size, w, h)
     rows = memoryview(np.ascontiguousarray(arr)).cast("B")[(window[1] * w + window[0]) * 3:]
-    return _resize(rows, w * 3, window, box, size, gap)
+    return _resize(rows, w * 3, window, box, size, gap, flip, out, fast_resize)
 
 
 def _complete(data: bytes) -> bool:
@@ -173,13 +207,15 @@ def _complete(data: bytes) -> bool:
 
 
 def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, int], size: int,
-                gap: float | None, path: str, scales: tuple[int, ...] = SCALES) -> Image.Image | None:
-    """`box` of the JPEG `data` (full size `full`) resized to size x size: decoded at the smallest of `SCALES`
-    that keeps the box >= size px, by region or whole-image decoding (`path`, from `turbo_path`), then
-    `_resize` of the window. Region and whole-image decoding give identical pixels (module docstring); against
-    Pillow's path the resize of the shifted window differs by at most 1 level (`resize_region`), and where
-    Pillow's draft rounds down and decodes at twice the scale, the IDCT does part of the shrinking. None
-    when libjpeg refuses the data (the caller then takes Pillow's path)."""
+                gap: float | None, path: str, scales: tuple[int, ...] = SCALES, flip: bool = False,
+                out: np.ndarray | None = None, fast_resize: bool = True) -> np.ndarray | None:
+    """`box` of the JPEG `data` (full size `full`) resized to size x size, mirrored if `flip`, into `out` when
+    given: decoded at the smallest of `SCALES` that keeps the box >= size px, by region or whole-image decoding
+    (`path`, from `turbo_path`), then `_resize` of the window (`fast_resize`: the C resize where built). Region and whole-image decoding give identical
+    pixels (module docstring); against Pillow's path the pixels differ by at most 1 level (the C resize's
+    rounding, `resize_region`'s shifted box), and where Pillow's draft rounds down and decodes at twice the
+    scale, the IDCT does part of the shrinking. None when libjpeg refuses the data (the caller then takes
+    Pillow's path)."""
     width, height = full
     k = pick_scale(width, height, *scale_request(width, height, box, size), scales)
     sw, sh = -(-width * k // 8), -(-height * k // 8)  # libjpeg's scaled size (rounded up)
@@ -197,8 +233,8 @@ def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, in
         if got is not None:
             pixels, rx, _, rw, _, fw, fh = got
             if (fw, fh) == (sw, sh):
-                return _resize(memoryview(pixels)[(x0 - rx) * 3:], rw * 3, window, sbox, size, gap)
+                return _resize(memoryview(pixels)[(x0 - rx) * 3:], rw * 3, window, sbox, size, gap, flip, out, fast_resize)
     arr = decode_scaled(data, width, height, sw, sh, scales=(k,))
     if arr is None or arr.shape[:2] != (sh, sw):
         return None
-    return resize_region(arr, sbox, size, gap)
+    return resize_region(arr, sbox, size, gap, flip, out, fast_resize)

@@ -33,9 +33,11 @@ from PIL import Image
 
 from mycodist.data.decode import (
     DECODERS,
+    RESIZES,
     decode_crop,
     jpeg_size,
     region_available,
+    resample_available,
     simplejpeg_available,
     turbo_path,
 )
@@ -72,6 +74,7 @@ class ImageConfig:
     draft: bool = True
     reducing_gap: float = 2.0
     decoder: str = "auto"
+    resize: str = "auto"
     eval: EvalPreprocess | None = None  # the eval transform (mycodist/preprocess.py); None = defaults at `size`
 
     @property
@@ -97,7 +100,7 @@ class ImageConfig:
                  mixup_alpha=float(d.mixup_alpha), cutmix_alpha=float(d.cutmix_alpha),
                  mixup_prob=float(d.mixup_prob), output=resolve_output(str(d.output)), channels_last=bool(d.channels_last),
                  draft=ev.draft, eval=ev, reducing_gap=float(d.get("reducing_gap", cls.reducing_gap)),
-                 decoder=str(d.get("decoder", cls.decoder)))
+                 decoder=str(d.get("decoder", cls.decoder)), resize=str(d.get("resize", cls.resize)))
         ic.check()
         return ic
 
@@ -117,6 +120,11 @@ class ImageConfig:
             raise UsageError("data.decoder=region but mycodist's region decoder (mycodist/data/_jpegregion.c) is "
                              "not built: install libjpeg-turbo's headers (Debian: libjpeg62-turbo-dev) and a C "
                              "compiler, reinstall mycodist, or use data.decoder=auto")
+        if self.resize not in RESIZES:
+            raise UsageError(f"data.resize='{self.resize}' must be one of {RESIZES}")
+        if self.resize == "fast" and not resample_available():
+            raise UsageError("data.resize=fast but mycodist's resize (mycodist/data/_resample.c) is not built: install "
+                             "a C compiler and reinstall mycodist, or use data.resize=auto (Pillow when not built)")
         if self.output not in OUTPUTS:
             raise UsageError(f"data.output='{self.output}' must be one of auto, {', '.join(OUTPUTS)}")
         if self.reducing_gap != 0 and self.reducing_gap < 1:
@@ -207,9 +215,10 @@ def decode_train(data: bytes, cfg: ImageConfig, rng: random.Random, out: np.ndar
     if size is not None:
         x, y, w, h = crop_box(size[0], size[1], rng, cfg.scale, cfg.ratio)
         flip = rng.random() < cfg.hflip
-        small = decode_crop(data, size, (x, y, x + w, y + h), cfg.size, gap, path)
+        small = decode_crop(data, size, (x, y, x + w, y + h), cfg.size, gap, path, flip=flip, out=out,
+                            fast_resize=cfg.resize != "pillow")
         if small is not None:
-            return _store(small, flip, out)
+            return small
         with Image.open(io.BytesIO(data)) as img:  # rare: a JPEG the header read allowed but decoding refused
             img, box = _draft(img, (x, y, x + w, y + h), cfg.size, cfg.draft)
             return _store(img.resize((cfg.size, cfg.size), Image.BILINEAR, box=box, reducing_gap=gap), flip, out)
