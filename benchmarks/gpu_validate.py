@@ -283,6 +283,7 @@ def stage_decode(run: Run) -> dict:
 
     from mycodist.config import load_config
     from mycodist.data import make_train_loader
+    from mycodist.data.decode import region_available, resample_available, simplejpeg_available
     from mycodist.data.loaders import resolve_workers
 
     work = run.out.parent / (run.out.name + "-work") if run.dry else Path("/tmp/mycodist-validate")
@@ -305,6 +306,8 @@ def stage_decode(run: Run) -> dict:
         if n >= (64 if run.dry else 2048):
             break
     res["cpu_loader_img_s"] = round(n / (time.perf_counter() - t0), 1)
+    res["cpu_loader_decoding"] = {"region_decoder": region_available(), "simplejpeg": simplejpeg_available(),
+                                  "c_resize": resample_available()}
     res["cpu_loader_workers"] = resolve_workers(int(cfg.data.workers))
     loader.close()
     try:

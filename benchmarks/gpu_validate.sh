@@ -20,6 +20,10 @@ if [ "$dry" = 0 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # the d
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The loader's optional C extensions (region JPEG decoding, the crop resize) for this machine's Python, in place;
+# a no-op where they are built and current. Without a compiler or libjpeg's headers the loader falls back.
+"$PY" setup.py -q build_ext --inplace >>"$OUT/validate.log" 2>&1 \
+  || echo "gpu_validate.sh: C extensions not (all) built; the loader falls back (see the decode stage)" >&2
 export PATH="$(dirname "$PY"):$PATH"
 # DeepSpeed builds its ops lazily; keep its cache beside the run, not in $HOME
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}

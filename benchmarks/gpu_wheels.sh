@@ -9,7 +9,7 @@ PY=${PY:-.venv/bin/python}
 mkdir -p .whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 dl=(-m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" -d .whl)
-"$PY" "${dl[@]}" --no-deps omegaconf==2.3.0 webdataset braceexpand hjson ninja msgpack
+"$PY" "${dl[@]}" --no-deps omegaconf==2.3.0 webdataset braceexpand hjson ninja msgpack simplejpeg
 "$PY" "${dl[@]}" pydantic  # with its own pins (pydantic-core must match it exactly)
 "$PY" -m pip download -q --no-deps --no-binary=:all: -d .whl antlr4-python3-runtime==4.9.3  # source only
 # an sdist among them (antlr4's) becomes a wheel here

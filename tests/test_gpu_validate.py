@@ -27,6 +27,8 @@ def test_gpu_validate_dry_run_passes_every_stage(tmp_path):
     assert len(files) <= 8 and "validate.log" in files and "summary.json" in files, files
     nccl = json.loads((out / "nccl.json").read_text())
     assert nccl["world_size"] == 1 and nccl["helper_rejects_cpu_tensor"] is True
+    decoding = json.loads((out / "decode.json").read_text())["cpu_loader_decoding"]
+    assert set(decoding) == {"region_decoder", "simplejpeg", "c_resize"}, decoding
     train = json.loads((out / "train.json").read_text())
     for launcher in ("accelerate", "deepspeed", "torchrun"):
         run = train["runs"][launcher]
