@@ -1,9 +1,14 @@
 """Micro-batching: concurrent requests share one forward pass, run off the event loop.
 
-One consumer task takes the first waiting item, gathers more for at most `max_wait_ms` (or until
-`max_batch`), and runs the batch in a single worker thread, so the event loop keeps accepting
-uploads while the model computes. The queue is bounded: when it is full, `submit` raises
-`Overloaded` at once and the caller answers 503 with Retry-After instead of queueing forever.
+One consumer task gathers a batch and runs it in a single worker thread, so the event loop keeps
+accepting uploads while the model computes, and gathers the next batch meanwhile:
+- while the model is busy, requests collect until it is free (or `max_batch`), and then go at once:
+  the model never idles while requests wait. (The first version gathered only after a batch had
+  finished and then waited up to `max_wait_ms` for more: with clients in a closed loop, the model sat idle
+  for that wait after every batch.)
+- when the model is idle, the first request waits at most `max_wait_ms` for others to join it.
+The queue is bounded: when it is full, `submit` raises `Overloaded` at once and the caller answers 503
+with Retry-After instead of queueing forever.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class MicroBatcher(Generic[T, R]):
         self.queue_size = queue_size
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
         self._task: asyncio.Task | None = None
+        self._running: asyncio.Task | None = None  # the batch on the model thread
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.batches = 0
         self.items = 0
@@ -47,16 +53,17 @@ class MicroBatcher(Generic[T, R]):
         self._task = asyncio.get_running_loop().create_task(self._consume())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._running):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._queue is not None:
             while not self._queue.empty():
                 _, fut = self._queue.get_nowait()
                 if not fut.done():
                     fut.set_exception(Overloaded(1))
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)  # a batch still computing ends first
 
     @property
     def pending(self) -> int:
@@ -77,14 +84,45 @@ class MicroBatcher(Generic[T, R]):
             raise Overloaded(self.retry_after()) from None
         return await fut
 
-    async def _gather(self) -> list[tuple[T, asyncio.Future]]:
+    async def _gather(self, busy: asyncio.Task | None) -> list[tuple[T, asyncio.Future]]:
+        """The next batch: while `busy` (the batch on the model thread) runs, everything that arrives, up to
+        `max_batch`, until it ends; on an idle model, the first item and whatever joins it within max_wait."""
         assert self._queue is not None
         batch = [await self._queue.get()]
+        try:
+            return await self._gather_more(batch, busy)
+        except asyncio.CancelledError:  # stop(): what was taken from the queue is answered, not dropped
+            _fail(batch, Overloaded(1))
+            raise
+
+    async def _gather_more(self, batch: list[tuple[T, asyncio.Future]],
+                           busy: asyncio.Task | None) -> list[tuple[T, asyncio.Future]]:
+        assert self._queue is not None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
+        deadline = None if busy is not None and not busy.done() else loop.time() + self.max_wait
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+                continue
+            if deadline is None:  # the model is busy: collect until it is free
+                assert busy is not None
+                if busy.done():
+                    break
+                getter = asyncio.ensure_future(self._queue.get())
+                try:
+                    done, _ = await asyncio.wait({getter, busy}, return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:  # stop(): a getter still waiting takes nothing once cancelled
+                    if not getter.cancel() and not getter.cancelled() and getter.exception() is None:
+                        batch.append(getter.result())  # it had taken one: answered with the rest
+                    raise
+                if getter in done:
+                    batch.append(getter.result())
+                else:  # a pending Queue.get takes nothing when cancelled; one that got in first keeps its item
+                    getter.cancel()
+                    await asyncio.wait({getter})  # never raises the getter's cancellation, only our own
+                    if not getter.cancelled():
+                        batch.append(getter.result())
+                    break
                 continue
             left = deadline - loop.time()
             if left <= 0:
@@ -98,24 +136,44 @@ class MicroBatcher(Generic[T, R]):
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._gather()
-            live = [(x, f) for x, f in batch if not f.done()]  # skip clients that already went away
-            if not live:
-                continue
-            t0 = loop.time()
+            batch = await self._gather(self._running)
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, [x for x, _ in live])
-            except Exception as e:  # a model failure fails this batch's requests, not the server
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
-            self._last_batch_s = 0.8 * self._last_batch_s + 0.2 * (loop.time() - t0)
-            self.batches += 1
-            self.items += len(live)
-            for (_, f), r in zip(live, results, strict=True):
-                if not f.done():
-                    f.set_result(r)
+                if self._running is not None:
+                    await self._running  # at most one batch on the model thread and one gathering
+            except asyncio.CancelledError:
+                _fail(batch, Overloaded(1))
+                raise
+            self._running = loop.create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        loop = asyncio.get_running_loop()
+        live = [(x, f) for x, f in batch if not f.done()]  # skip clients that already went away
+        if not live:
+            return
+        t0 = loop.time()
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_batch, [x for x, _ in live])
+        except asyncio.CancelledError:  # stop(): the server is going away
+            _fail(live, Overloaded(1))
+            raise
+        except Exception as e:  # a model failure fails this batch's requests, not the server
+            _fail(live, e)
+            return
+        self._last_batch_s = 0.8 * self._last_batch_s + 0.2 * (loop.time() - t0)
+        self.batches += 1
+        self.items += len(live)
+        if len(results) != len(live):  # a broken run_batch fails its requests, never the consumer
+            _fail(live, RuntimeError(f"the model returned {len(results)} results for {len(live)} inputs"))
+            return
+        for (_, f), r in zip(live, results, strict=True):
+            if not f.done():
+                f.set_result(r)
+
+
+def _fail(batch: list[tuple[Any, asyncio.Future]], error: BaseException) -> None:
+    for _, f in batch:
+        if not f.done():
+            f.set_exception(error)
 
 
 def stats(batcher: MicroBatcher[Any, Any]) -> dict[str, float]:
