@@ -236,6 +236,7 @@ static PyObject *resize_box(PyObject *Py_UNUSED(self), PyObject *args) {
         PyBuffer_Release(&dst);
         return PyErr_NoMemory();
     }
+    memset(mid + n, 0, 4 * sizeof(int16_t));  /* read (and dropped) past the last pixel: keep it defined */
     Py_BEGIN_ALLOW_THREADS
     const uint8_t *pixels = (const uint8_t *)src.buf + (size_t)col0 * 3;
     uint8_t *out = (uint8_t *)dst.buf;
