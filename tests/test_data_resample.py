@@ -160,6 +160,34 @@ def test_loader_crops_touching_the_image_edge_are_never_refused(path):
         assert got is not None and got.shape == (16, 16, 3)
 
 
+def test_the_resize_key_is_validated_and_pillow_gives_pillows_pixels(monkeypatch):
+    import random
+
+    from data_util import config
+
+    from mycodist.data.transforms import ImageConfig, decode_train
+    from mycodist.errors import UsageError
+
+    with pytest.raises(UsageError, match="data.resize"):
+        ImageConfig.from_config(config("data.resize=opencv"))
+    assert ImageConfig.from_config(config("data.resize=pillow")).resize == "pillow"
+    buf = io.BytesIO()
+    Image.fromarray(photo(2)).save(buf, "JPEG", quality=90)
+    fast = ImageConfig(size=64, decoder="simplejpeg")
+    exact = ImageConfig(size=64, decoder="simplejpeg", resize="pillow")
+    differs = False
+    for seed in range(8):
+        a = decode_train(buf.getvalue(), fast, random.Random(seed)).astype(int)
+        b = decode_train(buf.getvalue(), exact, random.Random(seed)).astype(int)
+        assert np.abs(a - b).max() <= 1
+        differs |= bool((a != b).any())
+    assert differs  # the two settings really ran different resizes
+    monkeypatch.setattr(decode, "_resample", lambda: None)  # not built: "fast" is a clear error, auto falls back
+    with pytest.raises(UsageError, match="_resample.c"):
+        ImageConfig(size=64, resize="fast").check()
+    ImageConfig(size=64, resize="auto").check()
+
+
 def test_runs_in_threads_with_the_same_pixels():
     arr = photo(4)
     boxes = [random_box(np.random.default_rng(s), 340, 300) for s in range(8)]
