@@ -49,9 +49,11 @@ typedef struct {
     int32_t *w;     /* out * taps fixed-point weights */
 } Filter;
 
-static void filter_free(Filter *f) {
+static void filter_free(Filter *f) {  /* safe to call twice */
     free(f->first);
     free(f->w);
+    f->first = NULL;
+    f->w = NULL;
 }
 
 /* Weights of one axis: the triangle filter as Pillow derives it (sample centre in0 + (o + 0.5) * scale,
@@ -186,9 +188,10 @@ static PyObject *resize_box(PyObject *Py_UNUSED(self), PyObject *args) {
     int width, height, out_w, out_h, flip, made_h, made_v;
     double bx0, by0, bx1, by1;
     float fx0, fy0, fx1, fy1;
-    Filter h, v;
-    int16_t *mid;
-    int32_t *acc;
+    Filter h = {0}, v = {0};
+    int16_t *mid = NULL;
+    int32_t *acc = NULL;
+    PyObject *result;
     int col0, col1, n;
     if (!PyArg_ParseTuple(args, "y*niiddddw*iip", &src, &stride, &width, &height, &bx0, &by0, &bx1, &by1, &dst,
                           &out_w, &out_h, &flip)) {
@@ -210,15 +213,15 @@ static PyObject *resize_box(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     made_h = filter_make(&h, width, fx0, fx1, out_w, HBITS);
     made_v = made_h > 0 ? filter_make(&v, height, fy0, fy1, out_h, VBITS) : 0;
-    if (made_h <= 0 || made_v <= 0) {
-        if (made_h > 0) filter_free(&h);
-        if (made_v == 0 && made_h > 0) filter_free(&v);
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&dst);
-        if (made_h < 0 || made_v < 0) return PyErr_NoMemory();
-        Py_RETURN_FALSE;
+    if (made_h < 0 || made_v < 0) {
+        result = PyErr_NoMemory();
+        goto done;
     }
-    col0 = h.first[0];  /* the columns the horizontal pass reads; first[] is non-decreasing */
+    if (made_h == 0 || made_v == 0) {  /* narrower than the filter: the caller asks Pillow */
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    col0 = h.first[0];  /* the columns the horizontal pass reads */
     col1 = h.first[out_w - 1] + h.taps;
     for (int o = 0; o < out_w; o++) {
         if (h.first[o] < col0) col0 = h.first[o];
@@ -228,13 +231,8 @@ static PyObject *resize_box(PyObject *Py_UNUSED(self), PyObject *args) {
     mid = malloc(sizeof(int16_t) * (size_t)(n + 4));  /* + the dropped lane read past the last pixel */
     acc = malloc(sizeof(int32_t) * (size_t)n);
     if (!mid || !acc) {
-        free(mid);
-        free(acc);
-        filter_free(&h);
-        filter_free(&v);
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&dst);
-        return PyErr_NoMemory();
+        result = PyErr_NoMemory();
+        goto done;
     }
     memset(mid + n, 0, 4 * sizeof(int16_t));  /* read (and dropped) past the last pixel: keep it defined */
     Py_BEGIN_ALLOW_THREADS
@@ -245,13 +243,15 @@ static PyObject *resize_box(PyObject *Py_UNUSED(self), PyObject *args) {
         horizontal_row(mid, col0, &h, out_w, flip, out + (size_t)y * out_w * 3);
     }
     Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_True);
+done:
     free(mid);
     free(acc);
     filter_free(&h);
     filter_free(&v);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
-    Py_RETURN_TRUE;
+    return result;
 }
 
 static PyMethodDef methods[] = {

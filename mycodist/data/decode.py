@@ -35,6 +35,7 @@ Anything neither can read (PNG, WebP, CMYK JPEG, ...) returns None and goes to P
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Any
 
@@ -49,39 +50,33 @@ REGION_MAX_AREA = 0.9
 _EOI = b"\xff\xd9"
 
 
-@functools.lru_cache(maxsize=1)
-def _region() -> Any | None:
+@functools.cache
+def _optional(name: str) -> Any | None:
+    """An optional module, or None where it is not installed (or, for our C extensions, not built)."""
     try:
-        from mycodist.data import _jpegregion
-    except ImportError:  # not built: no compiler or no libjpeg-turbo headers at install time
+        return importlib.import_module(name)
+    except ImportError:
         return None
-    return _jpegregion
+
+
+def _region() -> Any | None:  # not built: no C compiler or no libjpeg-turbo headers at install time
+    return _optional("mycodist.data._jpegregion")
+
+
+def _resample() -> Any | None:  # not built: no C compiler at install time
+    return _optional("mycodist.data._resample")
+
+
+def _simplejpeg() -> Any | None:
+    return _optional("simplejpeg")
 
 
 def region_available() -> bool:
     return _region() is not None
 
 
-@functools.lru_cache(maxsize=1)
-def _resample() -> Any | None:
-    try:
-        from mycodist.data import _resample
-    except ImportError:  # not built: no C compiler at install time
-        return None
-    return _resample
-
-
 def resample_available() -> bool:
     return _resample() is not None
-
-
-@functools.lru_cache(maxsize=1)
-def _simplejpeg() -> Any | None:
-    try:
-        import simplejpeg
-    except ImportError:
-        return None
-    return simplejpeg
 
 
 def simplejpeg_available() -> bool:
