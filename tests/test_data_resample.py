@@ -104,10 +104,13 @@ def test_flip_mirrors_and_every_pixel_is_written():
     box = (10.25, 20.5, 300.75, 280.0)
     plain, mirrored = ours(arr, box, 64), ours(arr, box, 64, flip=True)
     assert np.array_equal(mirrored, plain[:, ::-1])
-    whole = ours(arr, (0.0, 0.0, 340.0, 300.0), 300)  # a box of the whole image: fill value 7 must be gone
-    assert not np.array_equal(whole[:, -1], np.full((300, 3), 7))
-    same = ours(arr, (0.0, 0.0, 340.0, 300.0), 340)[:, :, :]  # scale 1: the identity
-    assert same.shape == (340, 340, 3)
+    for flip in (False, True):  # the slot's old content never shows through: 0-filled and 255-filled agree
+        got = []
+        for fill in (0, 255):
+            out = np.full((64, 48, 3), fill, np.uint8)
+            assert decode._resample().resize_box(memoryview(arr).cast("B"), 340 * 3, 340, 300, *box, out, 48, 64, flip)
+            got.append(out)
+        assert np.array_equal(*got)
     identity = np.empty((300, 340, 3), np.uint8)
     assert decode._resample().resize_box(memoryview(arr).cast("B"), 340 * 3, 340, 300, 0.0, 0.0, 340.0, 300.0,
                                          identity, 340, 300, False)

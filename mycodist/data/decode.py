@@ -26,8 +26,8 @@ that covers them, chosen from the rounded-up scaled size (Pillow's draft rounds 
 2x larger than needed). Either way only the crop window is resized, once, straight into the batch slot: by
 `_resample` (mycodist/data/_resample.c, Pillow's antialiased bilinear filter evaluated ~3.5x faster, within one
 level of Pillow's pixels; built with any C compiler) or, without it, by Pillow (decoding to RGBX, which Pillow
-could wrap without a copy, was tried: Pillow's resize of 4-band images is ~20 % slower and ate the gain). Decoding settings are libjpeg's defaults, which are Pillow's and
-simplejpeg's (accurate integer IDCT, fancy chroma upsampling): at the same scale all give identical pixels.
+could wrap without a copy, was tried: Pillow's resize of 4-band images is ~20 % slower and ate the gain).
+Decoding settings are libjpeg's defaults, which are Pillow's and simplejpeg's (accurate integer IDCT, fancy chroma upsampling): at the same scale all give identical pixels.
 
 Anything neither can read (PNG, WebP, CMYK JPEG, ...) returns None and goes to Pillow.
 """
@@ -159,6 +159,20 @@ def _pillow_reduces(box: tuple[float, float, float, float], size: int, gap: floa
     return int((box[2] - box[0]) / size / gap) > 1 or int((box[3] - box[1]) / size / gap) > 1
 
 
+def pixels_into(img: Image.Image, flip: bool, out: np.ndarray | None) -> np.ndarray:
+    """A Pillow crop's (size, size, 3) pixels, mirrored if asked, copied into `out` (a batch slot) when given.
+
+    Pillow mirrors a 224-px crop in ~20 us; copying a reversed numpy view instead costs ~150 us
+    (3-byte items at a negative stride)."""
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.uint8)
+    if out is None:
+        return arr
+    np.copyto(out, arr)
+    return out
+
+
 def _resize(pixels: Any, stride: int, window: tuple[int, int, int, int], box: tuple[float, float, float, float],
             size: int, gap: float | None, flip: bool, out: np.ndarray | None, fast_resize: bool = True) -> np.ndarray:
     """The bilinear resize of `box` to size x size, mirrored if `flip`, into `out` (a batch slot) when given;
@@ -168,18 +182,13 @@ def _resize(pixels: Any, stride: int, window: tuple[int, int, int, int], box: tu
     reduce; Pillow otherwise."""
     x0, y0, x1, y1 = window
     shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-    fast = _resample() if fast_resize else None
-    if out is None:
-        out = np.empty((size, size, 3), np.uint8)
-    if fast is not None and not _pillow_reduces(shifted, size, gap) and fast.resize_box(
-            pixels, stride, x1 - x0, y1 - y0, *shifted, out, size, size, flip):
-        return out
+    fast = _resample() if fast_resize and not _pillow_reduces(shifted, size, gap) else None
+    if fast is not None:
+        dst = np.empty((size, size, 3), np.uint8) if out is None else out
+        if fast.resize_box(pixels, stride, x1 - x0, y1 - y0, *shifted, dst, size, size, flip):
+            return dst
     img = Image.frombuffer("RGB", (x1 - x0, y1 - y0), pixels, "raw", "RGB", stride, 1)
-    img = img.resize((size, size), Image.BILINEAR, box=shifted, reducing_gap=gap)
-    if flip:  # Pillow mirrors a 224-px crop in ~20 us; copying a reversed numpy view costs ~150 us
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    np.copyto(out, np.asarray(img, dtype=np.uint8))
-    return out
+    return pixels_into(img.resize((size, size), Image.BILINEAR, box=shifted, reducing_gap=gap), flip, out)
 
 
 def resize_region(arr: np.ndarray, box: tuple[float, float, float, float], size: int, gap: float | None,
@@ -206,8 +215,8 @@ def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, in
                 out: np.ndarray | None = None, fast_resize: bool = True) -> np.ndarray | None:
     """`box` of the JPEG `data` (full size `full`) resized to size x size, mirrored if `flip`, into `out` when
     given: decoded at the smallest of `SCALES` that keeps the box >= size px, by region or whole-image decoding
-    (`path`, from `turbo_path`), then `_resize` of the window (`fast_resize`: the C resize where built). Region and whole-image decoding give identical
-    pixels (module docstring); against Pillow's path the pixels differ by at most 1 level (the C resize's
+    (`path`, from `turbo_path`), then `_resize` of the window (`fast_resize`: the C resize where built).
+    Region and whole-image decoding give identical pixels (module docstring); against Pillow's path the pixels differ by at most 1 level (the C resize's
     rounding, `resize_region`'s shifted box), and where Pillow's draft rounds down and decodes at twice the
     scale, the IDCT does part of the shrinking. None when libjpeg refuses the data (the caller then takes
     Pillow's path)."""
@@ -228,7 +237,8 @@ def decode_crop(data: bytes, full: tuple[int, int], box: tuple[int, int, int, in
         if got is not None:
             pixels, rx, _, rw, _, fw, fh = got
             if (fw, fh) == (sw, sh):
-                return _resize(memoryview(pixels)[(x0 - rx) * 3:], rw * 3, window, sbox, size, gap, flip, out, fast_resize)
+                return _resize(memoryview(pixels)[(x0 - rx) * 3:], rw * 3, window, sbox, size, gap, flip, out,
+                               fast_resize)
     arr = decode_scaled(data, width, height, sw, sh, scales=(k,))
     if arr is None or arr.shape[:2] != (sh, sw):
         return None
